@@ -1,0 +1,154 @@
+"""The `facetrace` command line: each verb runs a flow or reads the catalog.
+
+Start-up stays light: heavy modules (Prefect flows, TensorFlow, torch) are imported inside the verb
+that needs them, so `facetrace --help`, `status` and `sql` never load TensorFlow or torch.
+Exit status 0 on success; otherwise non-zero with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+VERBS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def verb(name: str):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        VERBS[name] = fn
+        return fn
+
+    return register
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------- output helpers
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | None = None, fmt: str = "table") -> None:
+    if fmt == "json":
+        print(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(str(column))
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    Console(width=max(120, Console().width)).print(table)
+
+
+# ---------------------------------------------------------------- verbs
+
+@verb("ingest")
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from facetrace.flows.ingest import ingest_faces
+
+    if args.kind in ("folder", "zip") and not args.path:
+        raise CLIError(f"`facetrace ingest {args.kind}` needs a PATH")
+    if args.path and not os.path.exists(args.path):
+        raise CLIError(f"{args.path} does not exist")
+    result = ingest_faces(kind=args.kind, path=args.path if args.kind != "kaggle" else None, label=args.label,
+                          provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None)
+    rows = [(k, result[k]) for k in ("seen", "new", "duplicate", "quarantined")]
+    rows += [(f"quarantined: {r}", n) for r, n in result["quarantined_by_reason"].items()]
+    print_table(["outcome", "files"], rows, title=f"ingest {args.kind} {result['source']}")
+    return 0
+
+
+@verb("status")
+def cmd_status(args: argparse.Namespace) -> int:
+    from facetrace.db.catalog import status_counts
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.settings import get_settings
+
+    settings = get_settings()
+    with session_scope(get_engine(settings.catalog_url)) as session:
+        counts = status_counts(session)
+    print(f"catalog: {settings.catalog_url}\ndata root: {settings.data_dir.resolve()}")
+    print_table(["label", "status", "images"], counts["by_label"], title="images by label")
+    print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by source")
+    print_table(["reason", "files"], counts["rejected"], title="quarantined files")
+    return 0
+
+
+@verb("sql")
+def cmd_sql(args: argparse.Namespace) -> int:
+    from facetrace.db.readonly import ReadOnlyViolation, run_readonly
+    from facetrace.settings import get_settings
+
+    try:
+        columns, rows = run_readonly(get_settings().catalog_url, args.query)
+    except ReadOnlyViolation as exc:
+        raise CLIError(str(exc)) from None
+    print_table(columns, rows, fmt=args.format)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facetrace",
+        description="Build and maintain detectors of AI-generated face images. "
+        "Settings: FACETRACE_DATA_DIR (data root, default ./data), FACETRACE_DB_URL (catalog URL).",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("ingest", help="ingest faces from a folder, zip, Kaggle dataset or the bundled sample")
+    p.add_argument("kind", choices=["folder", "zip", "kaggle", "sample"])
+    p.add_argument("path", nargs="?", help="folder or zip path; for kaggle the dataset slug "
+                   "(default ashwingupta3012/human-faces)")
+    p.add_argument("--label", choices=["real", "synthetic"], help="label for every file (default: from Real/ and AI/ folders)")
+    p.add_argument("--provenance", metavar="CSV", help="CSV with columns prompt,image_name for synthetic images")
+
+    sub.add_parser("status", help="catalog counts by label, source and status")
+
+    p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    import importlib
+
+    for module in VERB_MODULES:
+        importlib.import_module(module).add_parsers(sub)
+    return parser
+
+
+# Modules that add verbs: each defines add_parsers(sub) and registers handlers with @verb.
+# They must stay light at import time (no TensorFlow, torch or diffusers).
+VERB_MODULES: list[str] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return VERBS[args.verb](args)
+    except CLIError as exc:
+        print(f"facetrace {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"facetrace {args.verb}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"facetrace {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
