@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     diffusion_model: str = "SG161222/Realistic_Vision_V1.4"
     openai_model: str = "gpt-3.5-turbo"
 
+    # Deployments (`facetrace serve`).
+    inbox_interval_s: float = 300.0
+    retrain_min_new_faces: int = 50
+    retrain_trigger_events: int = 1
+    retrain_trigger_window_s: float = 0.0
+    train_epochs: int = 3
+    serve_limit: int = 2
+
     # Training.
     image_size: int = 96
     near_duplicate_distance: int = 6

@@ -99,6 +99,69 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+@verb("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from facetrace.flows.pipeline import facetrace_pipeline
+
+    started = time.perf_counter()
+    facetrace_pipeline(faces=args.faces, epochs=args.epochs, synthetic_count=args.synthetic)
+    print_demo_summary(time.perf_counter() - started)
+    return 0
+
+
+def print_demo_summary(elapsed_s: float) -> None:
+    from sqlalchemy import select
+
+    from facetrace.db.catalog import status_counts
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.db.models import Model, ValidationRun
+    from facetrace.settings import get_settings
+
+    settings = get_settings()
+    with session_scope(get_engine(settings.catalog_url)) as session:
+        counts = status_counts(session)
+        validation = session.scalars(select(ValidationRun).order_by(ValidationRun.id.desc()).limit(3)).all()
+        models = session.scalars(select(Model).order_by(Model.id)).all()
+    root = settings.data_dir.resolve()
+    print(f"\nfacetrace demo finished in {elapsed_s:.0f} s. Data root: {root}")
+    print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by label and source")
+    print_table(["suite", "success", "critical failure", "data docs"],
+                [(v.suite, v.success, v.critical_failure, v.data_docs) for v in validation], title="validation")
+    metric_names = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "f1", "ece")
+    print_table(["id", "backbone", "stage", *metric_names, "threshold"],
+                [(m.id, m.backbone, m.stage, *[_fmt((m.metrics or {}).get(k)) for k in metric_names], _fmt(m.threshold))
+                 for m in models], title="models (metrics on the test split)")
+    champion = next((m for m in models if m.stage == "champion"), None)
+    if champion:
+        print(f"champion: model {champion.id} ({champion.backbone}) at {champion.path}")
+        if champion.model_card:
+            print(f"model card: {champion.model_card}")
+    print(f"""
+Where to look next:
+  facetrace status
+  facetrace sql "SELECT * FROM images_by_source"
+  facetrace sql "SELECT sha256, prompt, model_id, seed, steps FROM synthetic_images LIMIT 5"
+  facetrace sql "SELECT id, backbone, stage, metrics FROM models" --format json
+  facetrace predict path/to/face.jpg
+  reports and data docs: {root / 'reports'}  {root / 'validation'}
+  Prefect UI: `prefect server start`, open http://127.0.0.1:4200, then
+              `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` and `facetrace serve`.""")
+
+
+def _fmt(value) -> str:
+    return "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+@verb("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from facetrace.deployments.serve import main as serve_main
+
+    serve_main()
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    p = sub.add_parser("demo", help="run the whole pipeline offline on the embedded defaults, then summarise")
+    p.add_argument("--faces", metavar="PATH", help="a folder (or zip) of your own real faces instead of the sample")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--synthetic", type=int, default=None, help="synthetic faces to generate (default: as many as real)")
+
+    sub.add_parser("serve", help="serve all deployments (schedules, event-triggered retraining) from one process")
 
     import importlib
 
