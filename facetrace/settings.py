@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,7 +25,11 @@ class Settings(BaseSettings):
 
     # Synthesis and prompts.
     diffusion_model: str = "SG161222/Realistic_Vision_V1.4"
-    openai_model: str = "gpt-3.5-turbo"
+    # CPU threads for generation: recorded with each image, because CPU results depend on it.
+    # One by default: on a shared CPU, more threads than free cores make OpenMP many times slower.
+    synthesis_threads: int = 1
+    # gpt-3.5-turbo (the original) lacks structured outputs; prompts fall back to JSON mode for it.
+    openai_model: str = "gpt-4o-mini"
 
     # Deployments (`facetrace serve`).
     inbox_interval_s: float = 300.0
@@ -32,11 +37,25 @@ class Settings(BaseSettings):
     retrain_trigger_events: int = 1
     retrain_trigger_window_s: float = 0.0
     train_epochs: int = 3
+    train_backbones: list[str] = ["mobilenet_v2", "xception"]  # env as JSON, e.g. '["mobilenet_v2"]'
     serve_limit: int = 2
+
+    # Scale-out: the task runner of fan-out steps (ingest batches, generation batches).
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None  # a running Dask scheduler (tcp://host:8786); None = a local cluster
+    dask_workers: int = 2  # worker processes of that local cluster
 
     # Training.
     image_size: int = 96
     near_duplicate_distance: int = 6
+
+    # Validation (expectations/): what a healthy catalog looks like; critical failures block training.
+    max_image_side: int = 16_384
+    allowed_formats: list[str] = ["JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+    class_balance_band: float = 0.3  # synthetic share of usable images within 0.5 +/- band
+    max_rejection_rate: float = 0.25  # refused files / files offered
+    min_provenance_coverage: float = 0.0  # imported synthetic images with a known prompt (reported)
+    validation_file_sample: int = 10_000  # files checked on disk per run; 0 = every file
 
     @property
     def catalog_url(self) -> str:
