@@ -198,6 +198,9 @@ class Generation(Base):
     safety_checker: Mapped[str | None] = mapped_column(String(64))
     library_versions: Mapped[dict[str, Any]]
     duration_s: Mapped[float | None] = mapped_column(Float)
+    # How the batch ran (its members' seeds and prompts, this image's position, CPU threads): on CPU
+    # a pipeline's output depends on the batch's shape, so exact regeneration replays the whole batch.
+    execution: Mapped[dict[str, Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
 
