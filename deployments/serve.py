@@ -29,7 +29,8 @@ def retrain_trigger(events: int = 1, window_s: float = 0, min_new_faces: int = 5
     return DeploymentEventTrigger(
         name="retrain-when-faces-arrive",
         expect={INGESTED_EVENT},
-        match={"prefect.resource.id": "facetrace.source.*"},
+        # Only ingests that added faces: a re-scan of an unchanged inbox starts nothing.
+        match={"prefect.resource.id": "facetrace.source.*", "facetrace.faces.arrived": "true"},
         posture="Reactive",
         threshold=events,
         within=dt.timedelta(seconds=window_s),
@@ -46,6 +47,8 @@ def build_deployments(
     train_epochs: int | None = None,
     train_image_size: int | None = None,
 ):
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
     from facetrace.flows.generate import generate_synthetic_faces
     from facetrace.flows.ingest import ingest_faces
     from facetrace.flows.pipeline import facetrace_pipeline, retrain_on_new_faces
@@ -58,11 +61,13 @@ def build_deployments(
                               s.retrain_trigger_window_s if trigger_window_s is None else trigger_window_s,
                               min_new_faces)
     train_params = {"min_new_faces": min_new_faces, "epochs": train_epochs or s.train_epochs,
-                    "image_size": train_image_size or s.image_size}
+                    "image_size": train_image_size or s.image_size, "backbones": list(s.train_backbones)}
     return [
         ingest_faces.to_deployment(
             name="ingest-inbox", interval=dt.timedelta(seconds=inbox_interval_s),
             parameters={"kind": "folder", "path": str(inbox_dir())}, tags=["ingest"],
+            # One scan of the inbox at a time: a scan still running when the next is due makes it skip.
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
             description="Ingest new faces dropped into the inbox (inbox/real, inbox/synthetic).",
         ),
         generate_synthetic_faces.to_deployment(

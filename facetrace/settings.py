@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     # Training.
     image_size: int = 96
     near_duplicate_distance: int = 6
+    # Format-neutral inputs: every image centre-cropped and re-encoded alike (no PNG-vs-JPEG or aspect cue).
+    format_neutral: bool = True
+    reencode_quality: int = 90  # JPEG quality of that shared re-encoding
+    reencode_size: int | None = None  # re-encode at this size, then resize to the input (None: at the input size)
+    train_threads: int = 2  # TensorFlow intra-op threads per process (the CPU is shared)
+    train_parallel: int = 2  # backbones trained at once (separate Prefect tasks)
+    train_time_budget_s: float = 660.0  # wall-clock seconds for all fits of one run (schedules adapt to it)
+    weights_dir: Path | None = None  # Keras no-top ImageNet .h5 files; absent: ~/.keras/models, else random init
+    target_fpr: float = 0.05  # the decision threshold keeps validation false positives at or below this
+    champion_metric: str = "roc_auc"  # ties broken by TPR at 1% FPR
+    champion_margin: float = 0.005  # a candidate must beat the champion by this much to replace it
+    robustness_images: int = 300  # test images (stratified sample) for the robustness table
 
     # Validation (expectations/): what a healthy catalog looks like; critical failures block training.
     max_image_side: int = 16_384

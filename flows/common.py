@@ -1,11 +1,16 @@
-"""Small helpers every flow shares: the current flow run id, events, progress bars."""
+"""Small helpers every flow shares: the current flow run id, events, the task runner, progress bars."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from prefect.task_runners import TaskRunner
+
+    from facetrace.settings import Settings
 
 
 def current_flow_run_id() -> str | None:
@@ -24,6 +29,29 @@ def emit(event: str, resource_id: str, payload: dict[str, Any], **labels: str) -
     run_id = current_flow_run_id()
     related = [{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"}] if run_id else None
     emit_event(event=event, resource=resource, payload=payload, related=related)
+
+
+def task_runner(settings: Settings | None = None) -> TaskRunner:
+    """The task runner for a flow's fan-out, from settings: threads in this process (default), or Dask.
+
+    ``FACETRACE_TASK_RUNNER=dask`` spreads tasks over a Dask cluster: the one at
+    ``FACETRACE_DASK_ADDRESS``, or else a local cluster of ``FACETRACE_DASK_WORKERS`` processes
+    started for the flow run and closed after it. Same code, same results; only where it runs changes.
+    """
+    from facetrace.settings import get_settings
+
+    settings = settings or get_settings()
+    if settings.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner  # imports dask.distributed: only when asked for
+
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        # One thread per worker process: the work is CPU-bound Python (decode, hash, store).
+        return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=settings.workers)
 
 
 def progress(description: str) -> Progress:
