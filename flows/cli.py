@@ -56,12 +56,13 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | N
 
 @verb("ingest")
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from facetrace.flows.ingest import ingest_faces
+    from facetrace.flows.ingest import check_source, ingest_faces
 
     if args.kind in ("folder", "zip") and not args.path:
         raise CLIError(f"`facetrace ingest {args.kind}` needs a PATH")
-    if args.path and not os.path.exists(args.path):
-        raise CLIError(f"{args.path} does not exist")
+    # Before any run starts: a missing path or missing Kaggle credentials is one line, not a failed run.
+    check_source(args.kind, path=args.path if args.kind != "kaggle" else None,
+                 slug=args.path if args.kind == "kaggle" else None)
     result = ingest_faces(kind=args.kind, path=args.path if args.kind != "kaggle" else None, label=args.label,
                           provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None)
     rows = [(k, result[k]) for k in ("seen", "new", "duplicate", "quarantined")]
@@ -185,23 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
+    import importlib
+
+    for module in VERB_MODULES:
+        importlib.import_module(module).add_parsers(sub)
+
     p = sub.add_parser("demo", help="run the whole pipeline offline on the embedded defaults, then summarise")
     p.add_argument("--faces", metavar="PATH", help="a folder (or zip) of your own real faces instead of the sample")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--synthetic", type=int, default=None, help="synthetic faces to generate (default: as many as real)")
 
     sub.add_parser("serve", help="serve all deployments (schedules, event-triggered retraining) from one process")
-
-    import importlib
-
-    for module in VERB_MODULES:
-        importlib.import_module(module).add_parsers(sub)
     return parser
 
 
 # Modules that add verbs: each defines add_parsers(sub) and registers handlers with @verb.
 # They must stay light at import time (no TensorFlow, torch or diffusers).
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = ["facetrace.flows.cli_prompts", "facetrace.flows.cli_validate",
+                           "facetrace.flows.cli_synthesis", "facetrace.flows.cli_train"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"facetrace {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users; FACETRACE_DEBUG=1 shows the traceback
+        if os.environ.get("FACETRACE_DEBUG") == "1":
+            raise
+        print(f"facetrace {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

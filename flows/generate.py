@@ -92,8 +92,13 @@ def generate_synthetic_faces(
     negative_prompt: str | None = None,
     device: str | None = None,
     revision: str | None = None,
+    prompt_ids: list[int] | None = None,
 ) -> dict:
-    """Make items 0..n-1 of this request that the catalog lacks; idempotent and resumable."""
+    """Make items 0..n-1 of this request that the catalog lacks; idempotent and resumable.
+
+    ``prompt_ids`` (e.g. from the `write_prompts` flow) makes item i use stored prompt
+    ``prompt_ids[i % len(prompt_ids)]``; otherwise each item's prompt is written from the seed.
+    """
     if n < 0:
         raise ValueError(f"n must be zero or more, got {n}")
     logger = get_run_logger()
@@ -103,7 +108,8 @@ def generate_synthetic_faces(
     defaults = defaults_for(ref)
     size = size or defaults.size
     request = GenerationRequest(ref, steps or defaults.steps, defaults.guidance if guidance is None else guidance,
-                                size, size, prompt_style, llm, seed, negative_prompt)
+                                size, size, prompt_style, llm, seed, negative_prompt,
+                                tuple(prompt_ids) if prompt_ids else None)
     options = request.options()  # validates steps and size before anything is loaded
     batch = batch_size or DEFAULT_BATCH
     if batch < 1:
@@ -128,8 +134,10 @@ def generate_synthetic_faces(
             for start in range(0, len(items), batch):
                 chunk = items[start:start + batch]
                 images = generate_batch(choice, chunk, options, run_id)
+                stored_ids = ({i.index: prompt_ids[i.index % len(prompt_ids)] for i in chunk} if prompt_ids else None)
                 counts.add(catalogue_generated(images, {i.index: prompts[i.index] for i in chunk}, request.key,
-                                               source_id, settings.data_dir, settings.catalog_url, run_id))
+                                               source_id, settings.data_dir, settings.catalog_url, run_id,
+                                               stored_ids))
                 bar.advance(job, len(chunk))
 
     grid_path, preview = None, None

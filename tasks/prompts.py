@@ -500,18 +500,48 @@ def make_prompts(count: int, style: str = "simple", llm: str = "auto", seed: int
 
 
 def save_prompts(session: Session, specs: Sequence[PromptSpec], flow_run_id: str | None = None) -> list[int]:
-    """Insert one ``prompts`` row per spec; their ids, in order."""
+    """One ``prompts`` row per spec; their ids, in order.
+
+    Template prompts are pure functions of (template, seed), so an identical row is reused: writing
+    the same template prompts again (a re-run of a flow) adds nothing. LLM answers are always new rows.
+    """
+    from sqlalchemy import select
+
     from facetrace.db.models import Prompt
 
-    rows = [
-        Prompt(text=s.text, negative_text=s.negative_text, method=s.method, style=s.style, model=s.model,
-               template=s.template, seed=s.seed, parameters=dict(s.parameters), attributes=dict(s.attributes),
-               flow_run_id=flow_run_id)
-        for s in specs
-    ]
-    session.add_all(rows)
-    session.flush()
-    return [row.id for row in rows]
+    ids: list[int] = []
+    for s in specs:
+        if s.method == "template":
+            same = session.scalars(select(Prompt).where(
+                Prompt.method == s.method, Prompt.text == s.text, Prompt.seed == s.seed, Prompt.style == s.style))
+            match = next((row for row in same if (row.negative_text, row.template, row.model, row.parameters,
+                          row.attributes) == (s.negative_text, s.template, s.model, dict(s.parameters),
+                                              dict(s.attributes))), None)
+            if match is not None:
+                ids.append(match.id)
+                continue
+        row = Prompt(text=s.text, negative_text=s.negative_text, method=s.method, style=s.style, model=s.model,
+                     template=s.template, seed=s.seed, parameters=dict(s.parameters), attributes=dict(s.attributes),
+                     flow_run_id=flow_run_id)
+        session.add(row)
+        session.flush()
+        ids.append(row.id)
+    return ids
+
+
+def load_prompts(session: Session, ids: Sequence[int]) -> dict[int, PromptSpec]:
+    """Stored prompts by id, as specs (for generating from prompts written earlier)."""
+    from sqlalchemy import select
+
+    from facetrace.db.models import Prompt
+
+    rows = {row.id: row for row in session.scalars(select(Prompt).where(Prompt.id.in_(list(ids))))}
+    missing = sorted(set(ids) - set(rows))
+    if missing:
+        raise ValueError(f"prompt id(s) {missing} not in the catalog")
+    return {i: PromptSpec(text=r.text, negative_text=r.negative_text, method=r.method, style=r.style or "simple",
+                          model=r.model, template=r.template, seed=r.seed, parameters=dict(r.parameters or {}),
+                          attributes=dict(r.attributes or {})) for i, r in rows.items()}
 
 
 # ---------------------------------------------------------------- Prefect tasks

@@ -513,6 +513,7 @@ class GenerationRequest:
     llm: str = "template"
     seed: int = 0
     negative_prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None  # stored prompts to use, item i taking prompt_ids[i % len]
 
     @property
     def key(self) -> str:
@@ -522,6 +523,8 @@ class GenerationRequest:
             "prompt_style": self.prompt_style, "llm": self.llm, "seed": self.seed,
             "negative_prompt": self.negative_prompt, "prompt_block": PROMPT_BLOCK,
         }
+        if self.prompt_ids:
+            identity["prompt_ids"] = list(self.prompt_ids)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def options(self, threads: int | None = None) -> SamplingOptions:
@@ -535,6 +538,13 @@ def plan_prompts(request: GenerationRequest, indices: Sequence[int]) -> dict[int
 
     if not indices:
         return {}
+    if request.prompt_ids:
+        from facetrace.settings import get_settings
+        from facetrace.tasks.prompts import load_prompts
+
+        with session_scope(get_engine(get_settings().catalog_url)) as session:
+            stored = load_prompts(session, request.prompt_ids)
+        return {i: stored[request.prompt_ids[i % len(request.prompt_ids)]] for i in indices}
     if request.llm != "template":
         specs = make_prompts(len(indices), style=request.prompt_style, llm=request.llm,
                              seed=derive_seed(request.seed, "prompts", *indices[:1]),
@@ -756,7 +766,8 @@ def original_name(request_key: str, index: int) -> str:
 @task(name="catalogue-generated", cache_policy=NO_CACHE, tags=["catalog"], retries=2, retry_delay_seconds=[1, 5])
 def catalogue_generated(images: list[GeneratedImage], prompts: dict[int, PromptSpec], request_key: str,
                         source_id: int, data_root: Path, catalog_url: str,
-                        flow_run_id: str | None = None) -> GenerationCounts:
+                        flow_run_id: str | None = None,
+                        stored_prompt_ids: dict[int, int] | None = None) -> GenerationCounts:
     """Store a batch's files, then write its prompts, images and generation rows in one transaction:
     an interrupted batch leaves no rows, and its items are generated again on the next run."""
     from facetrace.tasks.prompts import save_prompts
@@ -779,7 +790,10 @@ def catalogue_generated(images: list[GeneratedImage], prompts: dict[int, PromptS
     with session_scope(get_engine(catalog_url)) as session:
         # Every member's prompt is kept, flagged ones too: regenerating an image replays its batch.
         indices = [image.item.index for image in images]
-        prompt_ids = dict(zip(indices, save_prompts(session, [prompts[i] for i in indices], flow_run_id)))
+        if stored_prompt_ids is not None:
+            prompt_ids = {i: stored_prompt_ids[i] for i in indices}
+        else:
+            prompt_ids = dict(zip(indices, save_prompts(session, [prompts[i] for i in indices], flow_run_id)))
         for image, outcome in stored:
             if outcome is None:
                 counts.flagged += 1

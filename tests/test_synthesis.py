@@ -394,3 +394,28 @@ def test_the_cli_module_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.stdout.strip() == "[]"
+
+
+def test_generation_from_stored_prompts_uses_them_and_reruns_add_nothing(prefect_harness, sqlite_settings_env):
+    """The pipeline's prompts step: prompts written first (`write_prompts`) are the ones generated
+    from, and writing the same template prompts again reuses their rows."""
+    from facetrace.flows.generate import generate_synthetic_faces
+    from facetrace.flows.prompts import write_prompts
+
+    settings = sqlite_settings_env
+    prompt_ids = write_prompts(count=3, style="simple", llm="template", seed=5)
+    assert write_prompts(count=3, style="simple", llm="template", seed=5) == prompt_ids
+    first = generate_synthetic_faces(n=4, model="tiny", seed=5, prompt_ids=prompt_ids, **FAST)
+    assert first["new"] == 4
+    with session_scope(get_engine(settings.catalog_url)) as session:
+        used = session.execute(select(Generation.item_index, Generation.prompt_id, Image.prompt_id)
+                               .join(Image, Image.id == Generation.image_id)
+                               .order_by(Generation.item_index)).all()
+    assert [(i, p) for i, p, _ in used] == [(i, prompt_ids[i % 3]) for i in range(4)]
+    assert all(g == i for _, g, i in used)
+    before = catalog_rows(settings)
+    assert before["prompts"] == 3
+    again = generate_synthetic_faces(n=4, model="tiny", seed=5, prompt_ids=prompt_ids, **FAST)
+    assert again["new"] == 0 and again["skipped"] == 4
+    assert catalog_rows(settings) == before
+    assert_complete_provenance(settings)
