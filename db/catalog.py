@@ -4,15 +4,17 @@ runs neither duplicate rows nor fail on "already exists"."""
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from facetrace.db.models import Image, Prompt, Rejection, Sighting, Source
+from facetrace.db.models import Image, Prompt, Rejection, Sighting, Source, utcnow
 
 
 def _insert(session: Session, model: type):
@@ -106,6 +108,88 @@ def add_image(
     return image_id, is_new
 
 
+@dataclass(frozen=True)
+class RejectedFile:
+    """A file refused at ingest, with its reason code and what we know of its bytes."""
+
+    original_name: str
+    reason: str
+    detail: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+def known_images(session: Session, sha256s: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """{sha256: (image id, stored path)} for the digests the catalog already holds (a query per 500)."""
+    wanted, found = sorted(set(sha256s)), {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        rows = session.execute(select(Image.sha256, Image.id, Image.path).where(Image.sha256.in_(chunk)))
+        found.update({sha: (image_id, path) for sha, image_id, path in rows})
+    return found
+
+
+def add_images(
+    session: Session, source_id: int, images: Sequence[AcceptedImage], flow_run_id: str | None = None,
+    *, already: Sequence[tuple[str, int]] = (),
+) -> tuple[list[int], int]:
+    """Catalogue a batch of stored images, with a sighting for every name; returns (new ids, duplicates).
+
+    ``already`` holds (original name, image id) for files whose content the catalog already had:
+    only their sightings are new. One statement per table, not per image, and rows go in sha256 and
+    name order, so concurrent writers on PostgreSQL take row locks in the same order (no deadlock).
+    """
+    first: dict[str, AcceptedImage] = {}
+    for image in sorted(images, key=lambda i: i.record.sha256):
+        first.setdefault(image.record.sha256, image)
+    new_ids: dict[str, int] = {}
+    if first:
+        rows = [_image_row(source_id, image, flow_run_id) for image in first.values()]
+        stmt = (_insert(session, Image).on_conflict_do_nothing(index_elements=["sha256"])
+                .returning(Image.sha256, Image.id))
+        new_ids = dict(session.execute(stmt, rows).tuples().all())
+    ids = {sha: image_id for sha, (image_id, _) in known_images(session, set(first) - set(new_ids)).items()}
+    ids.update(new_ids)
+    sightings = sorted({(image.original_name, ids[image.record.sha256]) for image in images} | set(already))
+    if sightings:
+        session.execute(
+            _insert(session, Sighting).on_conflict_do_nothing(index_elements=["source_id", "original_name"]),
+            [{"source_id": source_id, "original_name": name, "image_id": image_id, "flow_run_id": flow_run_id}
+             for name, image_id in sightings],
+        )
+        # A file refused once (a truncated download, say) and whole now is no longer a rejection.
+        names = [name for name, _ in sightings]
+        for start in range(0, len(names), 500):
+            session.execute(delete(Rejection).where(Rejection.source_id == source_id,
+                                                    Rejection.original_name.in_(names[start:start + 500])))
+    duplicates = len(images) + len(already) - len(new_ids)
+    return sorted(new_ids.values()), duplicates
+
+
+def _image_row(source_id: int, image: AcceptedImage, flow_run_id: str | None) -> dict[str, Any]:
+    rec = image.record
+    return dict(
+        sha256=rec.sha256, path=image.path, label=image.label, source_id=source_id,
+        original_name=image.original_name, format=rec.format, mode=rec.mode, width=rec.width,
+        height=rec.height, bytes=rec.bytes, phash=rec.phash, exif_orientation=rec.exif_orientation,
+        frames=rec.frames, dedup_group=rec.sha256, prompt_id=image.prompt_id,
+        provenance=image.provenance, status="ok", ingested_at=utcnow(), flow_run_id=flow_run_id,
+    )
+
+
+def add_rejections(session: Session, source_id: int, rejected: Sequence[RejectedFile],
+                   flow_run_id: str | None = None) -> None:
+    """Record quarantined files (once per source and name: a re-run adds nothing)."""
+    if not rejected:
+        return
+    session.execute(
+        _insert(session, Rejection).on_conflict_do_nothing(index_elements=["source_id", "original_name"]),
+        [{"source_id": source_id, "original_name": r.original_name, "reason": r.reason, "detail": r.detail[:2000],
+          "sha256": r.sha256, "bytes": r.size, "rejected_at": utcnow(), "flow_run_id": flow_run_id}
+         for r in sorted(rejected, key=lambda r: r.original_name)],
+    )
+
+
 def add_rejection(
     session: Session, source_id: int, original_name: str, reason: str, detail: str,
     *, sha256: str | None = None, size: int | None = None, flow_run_id: str | None = None,
@@ -120,6 +204,10 @@ def add_rejection(
 
 def import_prompt(session: Session, text: str, flow_run_id: str | None = None) -> int:
     """The id of an imported prompt (from a provenance CSV), reusing an identical one."""
+    if session.get_bind().dialect.name == "postgresql":
+        # No unique key on prompt text: serialise concurrent importers of the same text instead.
+        # (SQLite writers already hold the database lock from BEGIN IMMEDIATE.)
+        session.execute(select(func.pg_advisory_xact_lock(74657202, zlib.crc32(text.encode()) - 2**31)))
     existing = session.scalar(select(Prompt.id).where(Prompt.method == "import", Prompt.text == text).limit(1))
     if existing is not None:
         return existing

@@ -13,6 +13,14 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
+def _refuse_other_files(action: int, *_args) -> int:
+    """SQLite authorizer of read-only connections: ``mode=ro`` guards the catalog, but ATTACH and
+    VACUUM INTO would still create or write other files; the engine refuses both."""
+    import sqlite3
+
+    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
+
+
 def _configure_sqlite(engine: Engine, *, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001 - DBAPI connection
@@ -25,6 +33,8 @@ def _configure_sqlite(engine: Engine, *, read_only: bool) -> None:
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA synchronous = NORMAL")
         cur.close()
+        if read_only:
+            dbapi_conn.set_authorizer(_refuse_other_files)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # noqa: ANN001
@@ -59,7 +69,10 @@ def make_engine(url: str, *, read_only: bool = False, echo: bool = False) -> Eng
 
     connect_args = {}
     if read_only and parsed.get_backend_name() == "postgresql":
-        connect_args["options"] = "-c default_transaction_read_only=on"
+        # Keep the URL's own options (e.g. -csearch_path=...): connect_args would replace them.
+        given = parsed.query.get("options")
+        given = " ".join(given) if isinstance(given, tuple) else given
+        connect_args["options"] = " ".join(filter(None, [given, "-c default_transaction_read_only=on"]))
     return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
 
 

@@ -1,9 +1,14 @@
 """Read-only SQL over the catalog. Writes are refused by the database itself (SQLite opened with
-``mode=ro``, PostgreSQL in a read-only transaction), never by parsing the query text."""
+``mode=ro``, PostgreSQL in a read-only transaction), never by parsing the query text.
+
+A read-only transaction is only as strong as its first statement: PostgreSQL lets
+``SET TRANSACTION READ WRITE; DELETE ...`` or ``COMMIT; BEGIN READ WRITE; ...`` out of it when
+several statements travel in one simple-protocol message. So a query runs as exactly one statement:
+on PostgreSQL as a prepared statement (the server refuses several commands in one), on SQLite
+through ``sqlite3``, which runs one statement per call; and the connection is discarded afterwards.
+"""
 
 from __future__ import annotations
-
-from sqlalchemy import exc, text
 
 from facetrace.db.engine import make_engine
 
@@ -12,30 +17,41 @@ class ReadOnlyViolation(Exception):
     """The query tried to change the catalog, or failed; the message says which."""
 
 
-def _is_write_refusal(error: exc.DBAPIError) -> bool:
-    message = str(error.orig).lower()
-    return "readonly" in message or "read-only" in message or "read only" in message
+def _is_write_refusal(message: str) -> bool:
+    message = message.lower()
+    return any(sign in message for sign in ("readonly", "read-only", "read only", "not authorized",
+                                            "authorization denied"))
 
 
 def run_readonly(url: str, query: str, limit: int | None = None) -> tuple[list[str], list[tuple]]:
-    """Run ``query`` on a read-only connection; return (column names, rows)."""
+    """Run ``query`` (one statement) on a read-only connection; return (column names, rows)."""
     engine = make_engine(url, read_only=True)
+    dbapi_error = engine.dialect.loaded_dbapi.Error
     try:
         with engine.connect() as connection:
-            result = connection.execute(text(query))
-            if not result.returns_rows:
-                connection.rollback()
-                return ["result"], [("statement executed without rows",)]
-            columns = list(result.keys())
-            rows = [tuple(r) for r in (result.fetchmany(limit) if limit else result.fetchall())]
-            connection.rollback()
-            return columns, rows
-    except exc.DBAPIError as error:
-        if _is_write_refusal(error):
+            transaction = connection.begin()  # SQLite: BEGIN (VACUUM and journal changes refuse to run in one)
+            cursor = connection.connection.driver_connection.cursor()
+            try:
+                if engine.dialect.name == "postgresql":
+                    cursor.execute(query, prepare=True)  # extended protocol: one statement only
+                else:
+                    cursor.execute(query)
+                if cursor.description is None:
+                    return ["result"], [("statement executed without rows",)]
+                columns = [column[0] for column in cursor.description]
+                rows = [tuple(r) for r in (cursor.fetchmany(limit) if limit else cursor.fetchall())]
+                return columns, rows
+            finally:
+                cursor.close()
+                transaction.rollback()
+    except dbapi_error as error:
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        if _is_write_refusal(first_line):
             raise ReadOnlyViolation(
                 "refused: the catalog is opened read-only for `facetrace sql`; the database rejected a write "
-                f"({str(error.orig).splitlines()[0]})"
+                f"({first_line})"
             ) from None
-        raise ReadOnlyViolation(f"query failed: {str(error.orig).splitlines()[0]}") from None
+        hint = " (one statement at a time)" if "multiple commands" in first_line else ""
+        raise ReadOnlyViolation(f"query failed: {first_line}{hint}") from None
     finally:
         engine.dispose()

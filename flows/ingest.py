@@ -8,29 +8,53 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from facetrace.db.catalog import BatchCounts, ensure_source
 from facetrace.db.engine import get_engine, session_scope
-from facetrace.flows.common import current_flow_run_id, emit, progress
+from facetrace.flows.common import current_flow_run_id, emit, progress, task_runner
 from facetrace.settings import get_settings
 from facetrace.tasks.faces import (
     KAGGLE_DEFAULT,
     Listing,
+    cached_kaggle_archive,
     download_kaggle,
     ingest_batch,
+    kaggle_credentials,
+    kaggle_source_details,
     list_folder,
     list_sample,
     list_zip,
 )
-from facetrace.tasks.storage import REASONS, Limits
+from facetrace.tasks.storage import REASONS, Limits, sweep_stale_temporaries
 
 INGESTED_EVENT = "facetrace.faces.ingested"
+
+
+def check_source(kind: str, path: str | None = None, slug: str | None = None) -> None:
+    """Refuse, before any run starts, a source that cannot work: a missing path or Kaggle credentials.
+
+    The CLI calls this first so that such a mistake is one line on stderr, not a failed flow run.
+    """
+    if kind in ("folder", "zip"):
+        if not path:
+            raise ValueError(f"a {kind} source needs a path")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if kind == "folder" and not Path(path).is_dir():
+            raise ValueError(f"{path} is not a folder (use `ingest zip` for an archive)")
+    elif kind == "kaggle":
+        slug = slug or KAGGLE_DEFAULT
+        if cached_kaggle_archive(slug, get_settings().data_dir / "cache") is None:
+            kaggle_credentials()  # raises PermissionError naming the environment variables
+    elif kind != "sample":
+        raise ValueError(f"unknown source kind {kind!r}; expected folder, zip, kaggle or sample")
 
 
 def list_source(kind: str, path: str | None, label: str | None, provenance: str | None, slug: str | None) -> Listing:
     settings = get_settings()
     csv_path = Path(provenance) if provenance else None
+    if kind in ("folder", "zip"):
+        check_source(kind, path)
     if kind == "folder":
         return list_folder(Path(path), label, csv_path)
     if kind == "zip":
@@ -38,7 +62,9 @@ def list_source(kind: str, path: str | None, label: str | None, provenance: str 
     if kind == "kaggle":
         slug = slug or KAGGLE_DEFAULT
         archive = download_kaggle(slug, settings.data_dir / "cache")
-        return list_zip(archive, label, kind="kaggle", reference=slug, provenance_csv=csv_path)
+        licence, details = kaggle_source_details(slug, archive)
+        return list_zip(archive, label, kind="kaggle", reference=slug, provenance_csv=csv_path,
+                        license=licence, details=details)
     if kind == "sample":
         return list_sample()
     raise ValueError(f"unknown source kind {kind!r}; expected folder, zip, kaggle or sample")
@@ -58,7 +84,8 @@ def summary_markdown(listing: Listing, counts: BatchCounts) -> str:
     return "\n".join(lines)
 
 
-@flow(name="ingest-faces", task_runner=ThreadPoolTaskRunner(max_workers=get_settings().workers), log_prints=True)
+# The fan-out runs on threads here, or on a Dask cluster with FACETRACE_TASK_RUNNER=dask (flows/common.py).
+@flow(name="ingest-faces", task_runner=task_runner(), log_prints=True)
 def ingest_faces(
     kind: str = "sample",
     path: str | None = None,
@@ -72,6 +99,8 @@ def ingest_faces(
     settings = get_settings()
     run_id = current_flow_run_id()
     engine = get_engine(settings.catalog_url)
+    if swept := sweep_stale_temporaries(settings.data_dir):
+        logger.info("removed %d temporary files left by an interrupted ingest", swept)
     listing = list_source(kind, path, label, provenance, slug)
     with session_scope(engine) as session:
         source_id = ensure_source(session, listing.source.kind, listing.source.reference,
@@ -84,19 +113,26 @@ def ingest_faces(
     futures = [ingest_batch.submit(batch, source_id, settings.data_dir, settings.catalog_url, limits, run_id)
                for batch in batches]
     counts = BatchCounts()
+    total, next_report = len(listing.candidates), 0.1
     with progress(f"ingest {listing.source.kind}") as bar:
-        job = bar.add_task("files", total=len(listing.candidates))
+        job = bar.add_task("files", total=total)
         for future in as_completed(futures):
             result = future.result()
             counts.add(result)
             bar.advance(job, result.seen)
+            if bar.disable and total and counts.seen / total >= next_report:  # no terminal: log instead
+                logger.info("progress: %d of %d files (%d new)", counts.seen, total, counts.new)
+                next_report = counts.seen / total + 0.1
 
     summary = counts.as_dict()
-    assert summary["seen"] == summary["new"] + summary["duplicate"] + summary["quarantined"]
+    if summary["seen"] != total or summary["seen"] != summary["new"] + summary["duplicate"] + summary["quarantined"]:
+        raise RuntimeError(f"ingest totals do not reconcile: {total} listed, {summary}")
     logger.info("ingested %s %s: %s", listing.source.kind, listing.source.reference, summary)
     create_markdown_artifact(summary_markdown(listing, counts), key="ingest-summary",
                              description=f"ingest of {listing.source.kind}")
     emit(INGESTED_EVENT, f"facetrace.source.{listing.source.kind}.{source_id}",
          {**summary, "source": listing.source.reference, "kind": listing.source.kind},
-         **{"facetrace.source.kind": listing.source.kind})
+         **{"facetrace.source.kind": listing.source.kind,
+            # A label (not only the payload) so that triggers can react to new faces alone.
+            "facetrace.faces.arrived": "true" if summary["new"] else "false"})
     return {**summary, "source_id": source_id, "source": listing.source.reference}

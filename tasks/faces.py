@@ -9,21 +9,44 @@ rows and quarantine records in one transaction.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
+import hashlib
 import io
+import json
 import os
 import stat
+import threading
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy.orm import Session
 
-from facetrace.db.catalog import AcceptedImage, BatchCounts, add_image, add_rejection, import_prompt
+from facetrace.db.catalog import (
+    AcceptedImage,
+    BatchCounts,
+    RejectedFile,
+    add_images,
+    add_rejections,
+    import_prompt,
+    known_images,
+)
 from facetrace.db.engine import get_engine, session_scope
-from facetrace.tasks.storage import Limits, Quarantine, inspect_image, sha256_hex, store_bytes
+from facetrace.tasks.storage import (
+    Limits,
+    Quarantine,
+    inspect_image,
+    sha256_hex,
+    store_bytes,
+    sync_data_root,
+    write_atomically,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Folder names that imply a label (the original project's layout is Real/ and AI/).
@@ -59,6 +82,43 @@ class Candidate:
 class Listing:
     source: SourceInfo
     candidates: list[Candidate] = field(default_factory=list)
+
+
+# Readers are module-level functions and picklable objects, not lambdas: a batch of candidates
+# must travel to other processes (Dask workers) intact.
+def read_file_bytes(path: bytes) -> bytes:
+    return Path(os.fsdecode(path)).read_bytes()
+
+
+class ZipArchive:
+    """A zip archive opened once per process; pickling sends the path only, not the open file."""
+
+    def __init__(self, path: Path, opened: zipfile.ZipFile | None = None) -> None:
+        self.path = Path(path)
+        self._zip = opened
+        self._lock = threading.Lock()
+
+    def read(self, info: zipfile.ZipInfo) -> bytes:
+        with self._lock:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+        return self._zip.read(info)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+
+def encode_grey_png(array: Any) -> bytes:
+    """A float greyscale array in [0, 1] as lossless PNG bytes."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8"), "L").save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def display_name(raw: str | bytes) -> str:
@@ -126,7 +186,7 @@ def list_folder(path: Path, label: str | None = None, provenance_csv: Path | Non
                 file_path = entry.path
                 listing.candidates.append(
                     Candidate(
-                        name, file_label, read=lambda p=file_path: Path(os.fsdecode(p)).read_bytes(),
+                        name, file_label, read=functools.partial(read_file_bytes, file_path),
                         size=entry.stat(follow_symlinks=False).st_size,
                         prompt=_prompt_for(name, prompts) if file_label == "synthetic" else None,
                     )
@@ -139,20 +199,30 @@ def _unsafe_zip_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in pure.parts or (len(name) > 1 and name[1] == ":")
 
 
+def _archive_junk(name: str) -> bool:
+    """macOS resource forks and hidden files that archivers add: not the dataset's pictures."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return any(part == "__MACOSX" or (part.startswith(".") and part not in (".", "..")) for part in parts)
+
+
 def list_zip(path: Path, label: str | None = None, kind: str = "zip", reference: str | None = None,
-             provenance_csv: Path | None = None) -> Listing:
+             provenance_csv: Path | None = None, license: str | None = None,
+             details: dict[str, Any] | None = None) -> Listing:
     """Entries of a zip archive, read in memory (nothing is extracted, so a hostile name cannot escape)."""
     archive_path = Path(path)
     if not zipfile.is_zipfile(archive_path):
         raise ValueError(f"{archive_path} is not a readable zip archive")
     prompts = read_provenance_csv(provenance_csv)
     archive = zipfile.ZipFile(archive_path)
-    listing = Listing(SourceInfo(kind, reference or str(archive_path.resolve()),
-                                 details={"sha256": sha256_hex(archive_path.read_bytes()), "entries": len(archive.infolist())}))
+    reader = ZipArchive(archive_path, archive)
+    with open(archive_path, "rb") as handle:  # streamed: a Kaggle archive can be gigabytes
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    listing = Listing(SourceInfo(kind, reference or str(archive_path.resolve()), license=license,
+                                 details={**(details or {}), "sha256": digest, "entries": len(archive.infolist())}))
     for info in archive.infolist():
-        if info.is_dir():
+        if info.is_dir() or _archive_junk(info.filename):
             continue
-        name = display_name(info.filename if not (info.flag_bits & 0x800) else info.filename)
+        name = display_name(info.filename)
         if _unsafe_zip_name(info.filename):
             listing.candidates.append(Candidate(name, None, refusal=("zip_slip", f"entry path {info.filename!r}")))
             continue
@@ -166,7 +236,7 @@ def list_zip(path: Path, label: str | None = None, kind: str = "zip", reference:
             continue
         file_label = label_from_layout(parts, label)
         listing.candidates.append(
-            Candidate(name, file_label, read=lambda i=info: archive.read(i), size=info.file_size,
+            Candidate(name, file_label, read=functools.partial(reader.read, info), size=info.file_size,
                       prompt=_prompt_for(name, prompts) if file_label == "synthetic" else None)
         )
     return listing
@@ -174,9 +244,7 @@ def list_zip(path: Path, label: str | None = None, kind: str = "zip", reference:
 
 def list_sample(count: int = 100) -> Listing:
     """scikit-image's bundled LFW subset: its first 100 arrays are faces (25x25 grey), the rest are not."""
-    import numpy as np
     import skimage
-    from PIL import Image as PILImage
     from skimage.data import lfw_subset
 
     faces = lfw_subset()[: min(count, 100)]
@@ -187,23 +255,29 @@ def list_sample(count: int = 100) -> Listing:
         details={"note": "first 100 entries of lfw_subset (faces), 25x25 greyscale, stored losslessly as PNG"},
     )
 
-    def encode(array: np.ndarray) -> bytes:
-        buffer = io.BytesIO()
-        PILImage.fromarray((np.clip(array, 0, 1) * 255).round().astype("uint8"), "L").save(buffer, "PNG")
-        return buffer.getvalue()
-
-    return Listing(source, [Candidate(f"lfw_subset/{i:03d}.png", "real", read=lambda a=face: encode(a))
+    return Listing(source, [Candidate(f"lfw_subset/{i:03d}.png", "real", read=functools.partial(encode_grey_png, face))
                             for i, face in enumerate(faces)])
 
 
+KAGGLE_CREDENTIALS_HELP = (
+    "Kaggle credentials not found: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), "
+    "put kaggle.json in ~/.kaggle, or create Prefect Secret blocks 'kaggle-username' and 'kaggle-key'"
+)
+
+
 def kaggle_credentials() -> dict[str, str]:
-    """Kaggle credentials from the environment, ~/.kaggle/kaggle.json, or Prefect Secret blocks."""
+    """Kaggle credentials from the environment, kaggle.json, or Prefect Secret blocks.
+
+    Raises PermissionError naming the environment variables when there are none, so a missing
+    secret is one clear line rather than the client's own exit deep inside a download.
+    """
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return {"KAGGLE_USERNAME": os.environ["KAGGLE_USERNAME"], "KAGGLE_KEY": os.environ["KAGGLE_KEY"]}
     if os.environ.get("KAGGLE_API_TOKEN"):
         return {"KAGGLE_API_TOKEN": os.environ["KAGGLE_API_TOKEN"]}
-    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    if (config_dir / "kaggle.json").exists() or (config_dir / "access_token").exists():
+    config_dirs = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else [
+        Path.home() / ".kaggle", Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "kaggle"]
+    if any((d / "kaggle.json").is_file() or (d / "access_token").is_file() for d in config_dirs):
         return {}
     try:
         from prefect.blocks.system import Secret
@@ -211,22 +285,45 @@ def kaggle_credentials() -> dict[str, str]:
         return {"KAGGLE_USERNAME": Secret.load("kaggle-username").get(), "KAGGLE_KEY": Secret.load("kaggle-key").get()}
     except Exception:  # noqa: BLE001 - no server, no block: fall through to the clear error below
         pass
-    raise PermissionError(
-        "Kaggle credentials not found: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), "
-        "put kaggle.json in ~/.kaggle, or create Prefect Secret blocks 'kaggle-username' and 'kaggle-key'"
-    )
+    raise PermissionError(KAGGLE_CREDENTIALS_HELP)
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], timeout_seconds=3600, cache_policy=NO_CACHE)
-def download_kaggle(slug: str, cache_dir: Path) -> Path:
-    """Download a Kaggle dataset archive into the cache (once) with the official client; return the zip."""
+def kaggle_cache_dir(slug: str, cache_dir: Path) -> Path:
     owner, _, name = slug.partition("/")
-    if not owner or not name:
+    if not owner or not name or "/" in name or owner in (".", "..") or name in (".", ".."):
         raise ValueError(f"Kaggle dataset slug must look like owner/name, got {slug!r}")
-    target_dir = Path(cache_dir) / "kaggle" / owner / name
-    archive = target_dir / f"{name}.zip"
-    if archive.exists() and zipfile.is_zipfile(archive):
-        return archive
+    return Path(cache_dir) / "kaggle" / owner / name
+
+
+def cached_kaggle_archive(slug: str, cache_dir: Path) -> Path | None:
+    """The complete archive of ``slug`` already in the cache, if any (a partial download is not a zip)."""
+    target_dir = kaggle_cache_dir(slug, cache_dir)
+    archive = target_dir / f"{slug.partition('/')[2]}.zip"
+    return archive if archive.is_file() and zipfile.is_zipfile(archive) else None
+
+
+def _retry_download(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+    """Retry network trouble, not a missing secret or a bad slug: those fail at once, with their message."""
+    try:
+        state.result()
+    except (PermissionError, FileNotFoundError, ValueError, SystemExit):
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return True
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_download, timeout_seconds=3600,
+      cache_policy=NO_CACHE)
+def download_kaggle(slug: str, cache_dir: Path) -> Path:
+    """Download a Kaggle dataset archive into the cache (once) with the official client; return the zip.
+
+    The dataset's metadata (title, licenses) is saved beside it as ``dataset-metadata.json``.
+    """
+    cached = cached_kaggle_archive(slug, cache_dir)
+    if cached is not None:
+        return cached
+    target_dir = kaggle_cache_dir(slug, cache_dir)
     credentials = kaggle_credentials()
     target_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(credentials)
@@ -235,16 +332,52 @@ def download_kaggle(slug: str, cache_dir: Path) -> Path:
 
     api = KaggleApi()
     api.authenticate()
-    api.dataset_download_files(slug, path=str(target_dir), unzip=False, quiet=False, force=False)
-    if not archive.exists():
-        zips = sorted(target_dir.glob("*.zip"))
-        if not zips:
-            raise FileNotFoundError(f"Kaggle download of {slug} produced no zip in {target_dir}")
-        archive = zips[0]
+    try:
+        api.dataset_metadata(slug, path=str(target_dir))
+    except Exception as exc:  # noqa: BLE001 - the licence is worth recording, not worth failing for
+        get_run_logger().warning("Kaggle metadata of %s unavailable (%s); its licence stays unknown", slug, exc)
+    try:
+        api.dataset_download_files(slug, path=str(target_dir), unzip=False, quiet=True, force=False)
+    except Exception as exc:  # noqa: BLE001 - name what the server said in the user's terms
+        raise _kaggle_refusal(slug, exc) or exc
+    archive = cached_kaggle_archive(slug, cache_dir)
+    if archive is None:
+        raise FileNotFoundError(f"Kaggle download of {slug} left no complete zip in {target_dir}")
     return archive
 
 
-def _inspect_and_store(candidate: Candidate, data_root: Path, limits: Limits) -> AcceptedImage:
+def _kaggle_refusal(slug: str, error: Exception) -> Exception | None:
+    """A permanent refusal by the Kaggle API as an error that says what to fix (and is not retried)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return PermissionError(f"Kaggle refused the credentials for {slug} (HTTP {status}): check KAGGLE_USERNAME "
+                               "and KAGGLE_KEY, and that the dataset's terms are accepted on kaggle.com")
+    if status == 404:
+        return FileNotFoundError(f"Kaggle dataset {slug} not found (HTTP 404)")
+    return None
+
+
+def kaggle_source_details(slug: str, archive: Path) -> tuple[str | None, dict[str, Any]]:
+    """(licence, details) of a downloaded Kaggle dataset, from the metadata saved beside its archive."""
+    details: dict[str, Any] = {"url": f"https://www.kaggle.com/datasets/{slug}"}
+    meta_path = archive.parent / "dataset-metadata.json"
+    if not meta_path.is_file():
+        return None, details
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and isinstance(meta.get("info"), dict):  # kaggle 2.x saves the whole response
+            meta = meta["info"]
+    except (OSError, ValueError):
+        return None, details
+    if not isinstance(meta, dict):
+        return None, details
+    licenses = [entry.get("name") for entry in meta.get("licenses") or [] if isinstance(entry, dict)]
+    details.update({key: meta[key] for key in ("title", "subtitle", "datasetId", "ownerUser") if meta.get(key)})
+    return (", ".join(filter(None, licenses)) or None), details
+
+
+def read_candidate(candidate: Candidate, limits: Limits) -> bytes:
+    """The candidate's bytes, or :class:`Quarantine` when it must not or cannot be read."""
     if candidate.refusal:
         raise Quarantine(*candidate.refusal)
     if candidate.label is None:
@@ -252,41 +385,86 @@ def _inspect_and_store(candidate: Candidate, data_root: Path, limits: Limits) ->
     if candidate.size is not None and candidate.size > limits.max_file_bytes:
         raise Quarantine("too_large", f"{candidate.size} bytes > cap {limits.max_file_bytes}")
     try:
-        data = candidate.read()
-    except OSError as exc:
+        return candidate.read()
+    except Exception as exc:  # noqa: BLE001 - OSError, a bad zip CRC, an encrypted entry: all the file's
         raise Quarantine("unreadable", f"{type(exc).__name__}: {exc}") from None
-    record = inspect_image(data, limits)
-    path = store_bytes(data_root, record, data)
-    provenance = None
-    if candidate.label == "synthetic":
-        provenance = "partial" if candidate.prompt else "none"
-    return AcceptedImage(candidate.name, candidate.label, path, record, provenance=provenance)
+
+
+def inspect_and_store(candidate: Candidate, data: bytes, sha256: str, data_root: Path, limits: Limits,
+                      *, durable: bool = True) -> AcceptedImage:
+    """Decode and store one file's bytes under their content address (see :func:`store_bytes`)."""
+    record = inspect_image(data, limits, sha256=sha256)
+    path = store_bytes(data_root, record, data, durable=durable)
+    return AcceptedImage(candidate.name, candidate.label, path, record, provenance=provenance_of(candidate))
+
+
+def provenance_of(candidate: Candidate) -> str | None:
+    """How much of a synthetic image's making we know at import: its prompt at best, never the generation."""
+    if candidate.label != "synthetic":
+        return None
+    return "partial" if candidate.prompt else "none"
+
+
+def _catalogued(db_url: str, sha256s: list[str]) -> dict[str, tuple[int, str]]:
+    """Digests the catalog already holds; a short read of its own, outside the batch's write."""
+    if not sha256s:
+        return {}
+    with Session(get_engine(db_url)) as session:
+        return known_images(session, sha256s)
 
 
 @task(retries=2, retry_delay_seconds=[1, 5], tags=["catalog"], cache_policy=NO_CACHE)
 def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, db_url: str,
                  limits: Limits, flow_run_id: str | None = None) -> BatchCounts:
-    """Inspect, store and catalogue one batch; the batch's rows commit together, after its files exist."""
-    counts = BatchCounts(seen=len(candidates))
-    accepted: list[tuple[AcceptedImage, str | None]] = []
-    refused: list[tuple[Candidate, Quarantine]] = []
+    """Inspect, store and catalogue one batch; the batch's rows commit together, after its files exist.
+
+    Content the catalog already holds (by sha256) is not decoded again: a re-run costs a read and a
+    hash per file. The batch's bytes are held in memory together (at most batch size x file cap).
+    """
+    refused: list[RejectedFile] = []
+    readable: list[tuple[Candidate, bytes, str]] = []
     for candidate in candidates:
         try:
-            accepted.append((_inspect_and_store(candidate, data_root, limits), candidate.prompt))
+            data = read_candidate(candidate, limits)
         except Quarantine as q:
-            refused.append((candidate, q))
+            refused.append(RejectedFile(candidate.name, q.reason, q.detail, size=candidate.size))
+            continue
+        readable.append((candidate, data, sha256_hex(data)))
+
+    known = _catalogued(db_url, [sha for _, _, sha in readable])
+    already: list[tuple[str, int]] = []
+    accepted: list[AcceptedImage] = []
+    outcome: dict[str, AcceptedImage | Quarantine] = {}  # one decode per content within the batch
+    for candidate, data, sha in readable:
+        if sha in known:
+            image_id, stored = known[sha]
+            if not (Path(data_root) / stored).is_file():  # a lost file is restored from its source
+                write_atomically(Path(data_root) / stored, data, durable=True)
+            already.append((candidate.name, image_id))
+            continue
+        if sha not in outcome:
+            try:
+                outcome[sha] = inspect_and_store(candidate, data, sha, data_root, limits, durable=False)
+            except Quarantine as q:
+                outcome[sha] = q
+        result = outcome[sha]
+        if isinstance(result, Quarantine):
+            refused.append(RejectedFile(candidate.name, result.reason, result.detail, sha256=sha, size=len(data)))
+        else:
+            accepted.append(dataclasses.replace(result, original_name=candidate.name, label=candidate.label,
+                                                provenance=provenance_of(candidate)))
+    if accepted:
+        sync_data_root(data_root)  # files on disk before any row that points at them commits
+
+    prompts = {candidate.name: candidate.prompt for candidate in candidates if candidate.prompt}
     with session_scope(get_engine(db_url)) as session:
-        for image, prompt in accepted:
-            if prompt:
-                image.prompt_id = import_prompt(session, prompt, flow_run_id)
-            image_id, is_new = add_image(session, source_id, image, flow_run_id)
-            if is_new:
-                counts.new += 1
-                counts.new_image_ids.append(image_id)
-            else:
-                counts.duplicate += 1
-        for candidate, q in refused:
-            add_rejection(session, source_id, candidate.name, q.reason, q.detail, size=candidate.size,
-                          flow_run_id=flow_run_id)
-            counts.rejected[q.reason] += 1
-    return counts
+        prompt_ids: dict[str, int] = {}
+        for text in sorted({prompts[image.original_name] for image in accepted if image.original_name in prompts}):
+            prompt_ids[text] = import_prompt(session, text, flow_run_id)
+        for image in accepted:
+            if image.original_name in prompts:
+                image.prompt_id = prompt_ids[prompts[image.original_name]]
+        new_ids, duplicates = add_images(session, source_id, accepted, flow_run_id, already=already)
+        add_rejections(session, source_id, refused, flow_run_id)
+    return BatchCounts(seen=len(candidates), new=len(new_ids), duplicate=duplicates,
+                       rejected=Counter(r.reason for r in refused), new_image_ids=new_ids)

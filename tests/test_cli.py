@@ -1,0 +1,174 @@
+"""The `facetrace` command line: read-only SQL that the database itself enforces, output formats,
+one-line errors, and a start-up light enough not to load TensorFlow or torch."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from facetrace.db.models import Base
+from ingest_corpus import FACETRACE, encode, noise_image
+
+HEAVY = ("tensorflow", "torch", "diffusers", "great_expectations")
+
+
+def _populate(settings, tmp_path: Path, count: int = 3) -> None:
+    """A few real catalog rows, written by the ingest task called as a plain function."""
+    from facetrace.db.catalog import ensure_source
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.tasks.faces import ingest_batch, list_folder
+    from facetrace.tasks.storage import Limits
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"face{i}.png").write_bytes(encode(noise_image(i, (32, 32)), "PNG"))
+    (folder / "broken.jpg").write_bytes(b"<html>oops</html>")
+    listing = list_folder(folder, "real")
+    with session_scope(get_engine(settings.catalog_url)) as session:
+        source_id = ensure_source(session, "folder", listing.source.reference)
+    ingest_batch.fn(listing.candidates, source_id, settings.data_dir, settings.catalog_url, Limits())
+
+
+def _row_counts(url: str) -> dict[str, int]:
+    from facetrace.db.engine import get_engine, session_scope
+
+    with session_scope(get_engine(url)) as session:
+        return {t.name: session.scalar(select(func.count()).select_from(t)) for t in Base.metadata.sorted_tables}
+
+
+def _sql(capsys, *args: str) -> tuple[int, str, str]:
+    from facetrace.flows.cli import main
+
+    code = main(["sql", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("statement", [
+    "DELETE FROM images",
+    "DROP TABLE images",
+    "UPDATE images SET label = 'synthetic'",
+    "INSERT INTO sources (kind, reference) VALUES ('folder', '/elsewhere')",
+    # Ways out of a read-only transaction when several statements share one message (PostgreSQL):
+    "SET TRANSACTION READ WRITE; DELETE FROM images",
+    "COMMIT; BEGIN READ WRITE; DELETE FROM images; COMMIT",
+    "SELECT 1; DELETE FROM images",
+])
+def test_sql_refuses_writes_and_the_catalog_is_intact(settings_env, tmp_path, capsys, statement):
+    _populate(settings_env, tmp_path)
+    before = _row_counts(settings_env.catalog_url)
+    assert before["images"] == 3
+
+    code, out, err = _sql(capsys, statement)
+
+    assert code != 0
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("facetrace sql: ")
+    if ";" not in statement:  # the database's own refusal, named as such
+        assert "refused: the catalog is opened read-only" in err, err
+    assert _row_counts(settings_env.catalog_url) == before
+
+
+def test_sql_cannot_create_files_beside_the_catalog(sqlite_settings_env, tmp_path, capsys):
+    _populate(sqlite_settings_env, tmp_path)
+    for statement in (f"ATTACH DATABASE '{tmp_path / 'other.db'}' AS other", f"VACUUM INTO '{tmp_path / 'copy.db'}'"):
+        code, _, err = _sql(capsys, statement)
+        assert code != 0 and err.startswith("facetrace sql: "), err
+    assert not (tmp_path / "other.db").exists() and not (tmp_path / "copy.db").exists()
+
+
+def test_sql_formats_csv_and_json(settings_env, tmp_path, capsys):
+    _populate(settings_env, tmp_path)
+    query = "SELECT original_name, width, label FROM images ORDER BY original_name"
+
+    code, out, _ = _sql(capsys, query, "--format", "csv")
+    assert code == 0
+    assert list(csv.reader(io.StringIO(out))) == [
+        ["original_name", "width", "label"], ["face0.png", "32", "real"], ["face1.png", "32", "real"],
+        ["face2.png", "32", "real"]]
+
+    code, out, _ = _sql(capsys, query, "--format", "json")
+    assert code == 0
+    assert json.loads(out) == [{"original_name": f"face{i}.png", "width": 32, "label": "real"} for i in range(3)]
+
+    code, out, _ = _sql(capsys, "SELECT reason, COUNT(*) AS files FROM rejections_by_reason GROUP BY reason")
+    assert code == 0 and "not_an_image" in out  # views answer like tables
+
+
+def test_sql_reports_a_bad_query_in_one_line(settings_env, capsys):
+    from facetrace.db.engine import get_engine
+
+    get_engine(settings_env.catalog_url)  # an empty, migrated catalog
+    code, out, err = _sql(capsys, "SELECT no_such_column FROM images")
+    assert code != 0 and out == ""
+    assert err.startswith("facetrace sql: query failed:") and len(err.strip().splitlines()) == 1
+
+
+def test_status_counts_by_label_source_and_reason(settings_env, tmp_path, capsys):
+    from facetrace.flows.cli import main
+
+    _populate(settings_env, tmp_path)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "real" in out and "not_an_image" in out and str(tmp_path / "faces") in out
+
+
+def test_ingest_without_a_path_is_one_line(sqlite_settings_env, capsys, tmp_path):
+    from facetrace.flows.cli import main
+
+    assert main(["ingest", "folder"]) == 2
+    assert main(["ingest", "folder", str(tmp_path / "missing")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("facetrace ingest: ") for line in err)
+
+
+def _modules_after(argv: list[str], env: dict[str, str]) -> tuple[set[str], subprocess.CompletedProcess]:
+    """Run the CLI's main() in a fresh interpreter; return which heavy packages it imported."""
+    probe = (
+        "import sys, json\n"
+        "from facetrace.flows.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)\n"
+        "sys.exit(code or 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    return set(json.loads(done.stderr.strip().splitlines()[-1])), done
+
+
+def test_sql_on_a_catalog_not_yet_created_says_so(sqlite_settings_env, capsys):
+    code, _, err = _sql(capsys, "SELECT 1")
+    assert code != 0 and "does not exist; run `facetrace ingest` first" in err
+    assert not Path(sqlite_settings_env.catalog_url.removeprefix("sqlite:///")).exists()  # not created by a read
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["status"], ["sql", "SELECT COUNT(*) FROM images"],
+                                  ["ingest", "--help"]])
+def test_light_verbs_import_neither_tensorflow_nor_torch(tmp_path, argv):
+    import os
+
+    env = {**os.environ, "FACETRACE_DATA_DIR": str(tmp_path), "FACETRACE_DB_URL": f"sqlite:///{tmp_path}/c.sqlite"}
+    if argv[0] == "sql":
+        _, first = _modules_after(["status"], env)  # create the catalog
+        assert first.returncode == 0, first.stderr
+    heavy, done = _modules_after(argv, env)
+    assert done.returncode == 0, done.stderr
+    assert heavy == set(), f"`facetrace {' '.join(argv)}` imported {heavy}"
+
+
+def test_the_console_script_exists_and_shows_help():
+    done = subprocess.run([FACETRACE, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for verb in ("ingest", "status", "sql"):
+        assert verb in done.stdout
