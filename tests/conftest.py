@@ -17,6 +17,7 @@ PG_URL = os.environ.get("FACETRACE_TEST_PG_URL", "postgresql+psycopg://postgres@
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed-faces-dev"
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
