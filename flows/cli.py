@@ -128,12 +128,22 @@ def print_demo_summary(elapsed_s: float) -> None:
     root = settings.data_dir.resolve()
     print(f"\nfacetrace demo finished in {elapsed_s:.0f} s. Data root: {root}")
     print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by label and source")
-    print_table(["suite", "success", "critical failure", "data docs"],
-                [(v.suite, v.success, v.critical_failure, v.data_docs) for v in validation], title="validation")
+    print_table(["suite", "success", "critical failure"],
+                [(v.suite, v.success, v.critical_failure) for v in validation], title="validation (latest run)")
+    docs = next((v.data_docs for v in validation if v.data_docs), None)
+    if docs:
+        site, found, _ = docs.partition("local_site")
+        print(f"data docs: {site + found + '/index.html' if found else docs}")
     metric_names = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "f1", "ece")
-    print_table(["id", "backbone", "stage", *metric_names, "threshold"],
-                [(m.id, m.backbone, m.stage, *[_fmt((m.metrics or {}).get(k)) for k in metric_names], _fmt(m.threshold))
-                 for m in models], title="models (metrics on the test split)")
+    rows = []
+    for m in models:
+        test = (m.metrics or {}).get("test", {})
+        rows.append((m.id, m.backbone, m.stage, *[_fmt(test.get(k)) for k in metric_names], _fmt(m.threshold)))
+    print_table(["id", "backbone", "stage", *metric_names, "threshold"], rows, title="models (metrics on the test split)")
+    audit = next(((m.metrics or {}).get("confound_audit") for m in reversed(models) if m.metrics), None)
+    if audit and audit.get("roc_auc") is not None:
+        print(f"confound audit: a classifier on file metadata alone reaches ROC AUC {audit['roc_auc']:.3f}"
+              + (" -- WARNING: the classes can be told apart without looking at faces" if audit.get("warning") else ""))
     champion = next((m for m in models if m.stage == "champion"), None)
     if champion:
         print(f"champion: model {champion.id} ({champion.backbone}) at {champion.path}")
