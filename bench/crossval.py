@@ -1,0 +1,154 @@
+"""Grouped K-fold cross-validation of the training defaults on the current catalog.
+
+Folds are whole groups (exact duplicates, perceptual near-duplicates and shared prompts together),
+stratified by label, exactly as the training snapshot splits them. Each fold is the test set once;
+the rest is split again by group into train and validation (early stopping and threshold). Scores
+of all folds are pooled for the headline ROC AUC and TPR at 5% FPR; per-fold mean and spread are
+shown beside them, with the wall time of each fit.
+
+    FACETRACE_DATA_DIR=/tmp/dev .venv/bin/python bench/crossval.py --folds 5 [--backbones mobilenet_v2,xception]
+
+Writes the table to stdout and a JSON record (``--out``, default ``bench/out/crossval.json``, not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _release_memory() -> None:
+    """Each fold builds a new graph; without this the process grows by hundreds of MB per fit."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.settings import get_settings
+    from facetrace.tasks import training
+    from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.registry import choose_threshold
+    from facetrace.tasks.splits import assign_groups, group_items, grouped_folds, load_split_items
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--backbones", default="mobilenet_v2,xception")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--jpeg-quality", type=int)
+    parser.add_argument("--width", type=float, help="MobileNetV2 width multiplier (alpha)")
+    parser.add_argument("--time-budget", type=float, help="seconds per fit")
+    parser.add_argument("--no-format-neutral", action="store_true")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--only-folds", help="comma-separated fold numbers to run (quick checks)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("FACETRACE_TRAIN_THREADS", "2")))
+    parser.add_argument("--out", default=str(Path(__file__).with_name("out") / "crossval.json"))
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    with session_scope(get_engine(settings.catalog_url)) as session:
+        items, images = load_split_items(session)
+        paths = [str(settings.data_dir / images[item.image_id].path) for item in items]
+    labels = [item.label for item in items]
+    y = np.array([int(label == "synthetic") for label in labels], np.float32)
+    groups = group_items(items, settings.near_duplicate_distance)
+    folds = np.array(grouped_folds(groups, labels, args.folds, args.seed))
+    print(f"{len(items)} images ({int(y.sum())} synthetic) in {len(set(groups))} groups, {args.folds} folds: "
+          + ", ".join(f"{int((folds == f).sum())}" for f in range(args.folds)), file=sys.stderr)
+
+    results: dict[str, dict] = {}
+    started_all = time.perf_counter()
+    for backbone in args.backbones.split(","):
+        config = training.default_config(backbone, image_size=args.image_size, epochs=args.epochs, seed=args.seed)
+        if args.learning_rate:
+            config = replace(config, learning_rate=args.learning_rate)
+        if args.width:
+            config = replace(config, width_multiplier=args.width)
+        if args.time_budget:
+            config = replace(config, time_budget_s=args.time_budget)
+        if args.batch_size:
+            config = replace(config, batch_size=args.batch_size)
+        if args.jpeg_quality or args.no_format_neutral:
+            config = replace(config, preprocess=replace(
+                config.preprocess, jpeg_quality=args.jpeg_quality or config.preprocess.jpeg_quality,
+                format_neutral=not args.no_format_neutral))
+        if args.no_augment:
+            config = replace(config, augment=training.AugmentConfig(False, 0, 0, 0, (60, 95), 0, 0))
+        key = config.preprocess.key()
+        tensors = training.cached_tensors(
+            paths, [item.sha256 for item in items], config.preprocess,
+            settings.data_dir / "cache" / "tensors" / f"crossval-{key}" / "all.npy", threads=args.threads)
+        scores = np.full(len(items), np.nan)
+        per_fold = []
+        run_folds = [int(f) for f in args.only_folds.split(",")] if args.only_folds else range(args.folds)
+        for fold in run_folds:
+            test = np.flatnonzero(folds == fold)
+            rest = np.flatnonzero(folds != fold)
+            inner = assign_groups([groups[i] for i in rest], [labels[i] for i in rest],
+                                  {"train": 0.85, "validation": 0.15}, args.seed + fold)
+            train = rest[[part == "train" for part in inner]]
+            val = rest[[part == "validation" for part in inner]]
+            out_dir = settings.data_dir / "cache" / "crossval-models" / f"{backbone}-fold{fold}"
+            fitted = training.train_backbone(tensors[train], y[train], tensors[val], y[val], config, out_dir,
+                                             threads=args.threads)
+            model = training.load_model(fitted.path, fitted.sha256)
+            threshold = choose_threshold(y[val], training.predict_scores(model, tensors[val]), 0.05)
+            scores[test] = training.predict_scores(model, tensors[test])
+            m = binary_metrics(y[test], scores[test], threshold)
+            per_fold.append({"fold": fold, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+                             "roc_auc": m["roc_auc"], "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"],
+                             "accuracy": m["accuracy"], "seconds": fitted.seconds, "epochs": fitted.epochs_run,
+                             "best_epoch": fitted.best_epoch})
+            del model
+            _release_memory()
+            print(f"  {backbone} fold {fold}: AUC {m['roc_auc']:.3f} TPR@5% {m['tpr_at_5pct_fpr']:.3f} "
+                  f"acc {m['accuracy']:.3f} ({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best "
+                  f"{fitted.best_epoch})", file=sys.stderr)
+        done = ~np.isnan(scores)
+        pooled = binary_metrics(y[done], scores[done], 0.5)
+        results[backbone] = {
+            "config": config.hyperparameters(), "per_fold": per_fold,
+            "pooled_roc_auc": pooled["roc_auc"], "pooled_tpr_at_5pct_fpr": pooled["tpr_at_5pct_fpr"],
+            "pooled_tpr_at_1pct_fpr": pooled["tpr_at_1pct_fpr"],
+            "mean_roc_auc": float(np.mean([f["roc_auc"] for f in per_fold])),
+            "sd_roc_auc": float(np.std([f["roc_auc"] for f in per_fold])),
+            "mean_tpr_at_5pct_fpr": float(np.mean([f["tpr_at_5pct_fpr"] for f in per_fold])),
+            "mean_accuracy_at_threshold": float(np.mean([f["accuracy"] for f in per_fold])),
+            "seconds_per_fit": float(np.mean([f["seconds"] for f in per_fold])),
+        }
+    total = time.perf_counter() - started_all
+
+    print(f"\nGrouped {args.folds}-fold cross-validation on {len(items)} images ({total:.0f} s in all)\n")
+    print("| backbone | px | pooled ROC AUC | pooled TPR@5%FPR | pooled TPR@1%FPR | fold ROC AUC mean ± sd "
+          "| fold acc. at val threshold | s per fit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for backbone, r in results.items():
+        print(f"| {backbone} | {r['config']['preprocess']['image_size']} | {r['pooled_roc_auc']:.3f} | "
+              f"{r['pooled_tpr_at_5pct_fpr']:.3f} | {r['pooled_tpr_at_1pct_fpr']:.3f} | "
+              f"{r['mean_roc_auc']:.3f} ± {r['sd_roc_auc']:.3f} | {r['mean_accuracy_at_threshold']:.3f} | "
+              f"{r['seconds_per_fit']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"folds": args.folds, "images": len(items), "seconds": total,
+                                          "results": results}, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Train, evaluate and register detectors.
+
+    validation gate -> snapshot + grouped split -> decoded tensors (cached) -> one fit per backbone
+    (separate tasks, in parallel) -> confound audit -> evaluation of each -> registry: candidates,
+    champion gate, model cards -> `facetrace.model.registered` events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from facetrace.db.engine import get_engine, session_scope
+from facetrace.flows.common import current_flow_run_id, emit
+from facetrace.settings import get_settings
+from facetrace.tasks import registry
+from facetrace.tasks.evaluation import audit_confounds, evaluate_model, score_against_champion
+from facetrace.tasks.splits import SnapshotSplit, read_snapshot, snapshot_catalog, snapshot_summary
+from facetrace.tasks.training import TrainedModel, default_config, fit_backbone, prepare_tensors
+
+REGISTERED_EVENT = "facetrace.model.registered"
+DEFAULT_BACKBONES = ("mobilenet_v2", "xception")
+
+
+# ---------------------------------------------------------------- the validation gate
+
+
+def require_valid_catalog(catalog_url: str) -> None:
+    """Refuse a catalog whose latest validation failed critically (when the validation layer exists)."""
+    logger = get_run_logger()
+    try:
+        from facetrace.expectations.gate import ensure_catalog_valid
+    except ImportError:
+        try:
+            from facetrace.expectations import ensure_catalog_valid  # type: ignore[attr-defined]
+        except ImportError:
+            logger.warning("catalog validation gate unavailable (facetrace.expectations has no "
+                           "ensure_catalog_valid): training without checking the latest validation run")
+            return
+    with session_scope(get_engine(catalog_url)) as session:
+        ensure_catalog_valid(session)
+
+
+# ---------------------------------------------------------------- the flow
+
+
+def fit_budget(total_s: float | None, fits: int, settings) -> float | None:
+    """Each fit's share of the run's wall-clock budget: fits running side by side share the window,
+    fits queued behind one another split it."""
+    total_s = settings.train_time_budget_s if total_s is None else total_s
+    if not total_s or total_s <= 0:
+        return None
+    waves = -(-fits // max(1, settings.train_parallel))  # ceil: rounds of parallel fits
+    return total_s / max(1, waves)
+
+
+def _run_token() -> str:
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+@flow(name="train-and-evaluate", log_prints=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=max(1, get_settings().train_parallel)))
+def train_and_evaluate(
+    backbones: tuple[str, ...] | list[str] = DEFAULT_BACKBONES,
+    epochs: int | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    target_fpr: float | None = None,
+    primary_metric: str | None = None,
+    margin: float | None = None,
+) -> dict[str, Any]:
+    """Train each backbone on one leakage-safe snapshot, evaluate on its test split, register the best.
+
+    ``epochs`` and ``image_size`` override each backbone's tuned defaults. ``time_budget_s`` is the
+    wall-clock budget of all fits (default ``FACETRACE_TRAIN_TIME_BUDGET_S``; 0 = none): each fit fits its
+    learning-rate schedule to its share and stops in time, keeping its best weights.
+    """
+    logger = get_run_logger()
+    settings = get_settings()
+    run_id = current_flow_run_id()
+    url, data_dir = settings.catalog_url, settings.data_dir
+    target_fpr = settings.target_fpr if target_fpr is None else target_fpr
+    primary_metric = primary_metric or settings.champion_metric
+    margin = settings.champion_margin if margin is None else margin
+    if primary_metric not in registry.PRIMARY_METRICS:
+        raise ValueError(f"primary metric must be one of {registry.PRIMARY_METRICS}, got {primary_metric!r}")
+    backbones = tuple(backbones)
+    configs = {b: default_config(b, image_size=image_size, epochs=epochs, seed=seed,
+                                 time_budget_s=fit_budget(time_budget_s, len(backbones), settings))
+               for b in backbones}  # validates the names before any work
+
+    require_valid_catalog(url)
+    snapshot_id = snapshot_catalog(url, seed=seed, flow_run_id=run_id)
+    split = read_snapshot(url, snapshot_id)
+    logger.info("snapshot %d: %s", snapshot_id, split.counts())
+
+    tensor_files = {}
+    for config in configs.values():
+        key = config.preprocess
+        if key not in tensor_files:
+            tensor_files[key] = prepare_tensors(split, key, data_dir, settings.train_threads)
+
+    tokens = {b: _run_token() for b in backbones}
+    model_dirs = {b: data_dir / "models" / b / tokens[b] for b in backbones}
+    report_dirs = {b: data_dir / "reports" / b / tokens[b] for b in backbones}
+    futures = {b: fit_backbone.submit(split, configs[b], tensor_files[configs[b].preprocess], model_dirs[b],
+                                      report_dirs[b] / "tensorboard", settings.weights_dir, settings.train_threads)
+               for b in backbones}
+    confound = audit_confounds(split)
+    trained = {b: future.result() for b, future in futures.items()}
+
+    evaluations = {b: evaluate_model(trained[b], split, tensor_files[configs[b].preprocess], report_dirs[b],
+                                     data_dir, target_fpr, settings.robustness_images)
+                   for b in backbones}
+    summary = snapshot_summary(url, split)
+    return register_run(trained, evaluations, confound, summary, split, primary_metric, margin, target_fpr, run_id)
+
+
+def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[str, Any]], confound: dict[str, Any],
+                 summary: dict[str, Any], split: SnapshotSplit, primary_metric: str, margin: float,
+                 target_fpr: float, run_id: str | None) -> dict[str, Any]:
+    """Candidates in, champion gate, model cards, events and artifacts."""
+    from facetrace.tasks.evaluation import report_markdown
+
+    logger = get_run_logger()
+    settings = get_settings()
+    url = settings.catalog_url
+    ids: dict[str, int] = {}
+    with session_scope(get_engine(url)) as session:
+        for b, model in trained.items():
+            e = evaluations[b]
+            metrics = {"test": e["test"], "validation": e["validation"], "per_source": e["per_source"],
+                       "robustness": e["robustness"], "confound_audit": confound, "reports": e["files"],
+                       "training": {"weights": model.weights, "epochs_run": model.epochs_run,
+                                    "best_epoch": model.best_epoch, "seconds": round(model.seconds, 1),
+                                    "history": model.history, "tensorboard": model.tensorboard}}
+            row = registry.add_candidate(
+                session, backbone=b, path=model.path, sha256=model.sha256, snapshot_id=split.snapshot_id,
+                image_size=model.hyperparameters["preprocess"]["image_size"], hyperparameters=model.hyperparameters,
+                metrics=metrics, threshold=e["threshold"], flow_run_id=run_id)
+            ids[b] = row.id
+        best_backbone = next(b for b in trained if ids[b] == registry.best_candidate(
+            [(ids[b], evaluations[b]["test"]) for b in trained], primary_metric))
+        champion = registry.current_champion(session)
+        champion_info = None if champion is None else {
+            "id": champion.id, "path": champion.path, "sha256": champion.sha256, "snapshot_id": champion.snapshot_id,
+            "hyperparameters": champion.hyperparameters, "threshold": champion.threshold,
+            "test": (champion.metrics or {}).get("test", {})}
+
+    best = trained[best_backbone]
+    if champion_info is None:
+        decision = registry.gate(evaluations[best_backbone]["test"], None, primary_metric, margin)
+        compared_on = 0
+    else:
+        if champion_info["snapshot_id"] == split.snapshot_id:
+            champion_metrics, candidate_metrics = champion_info["test"], evaluations[best_backbone]["test"]
+            compared_on = int(candidate_metrics.get("n") or 0)
+        else:
+            try:
+                champion_metrics, candidate_metrics, compared_on = score_against_champion(
+                    champion_info, {"path": best.path, "sha256": best.sha256, "hyperparameters": best.hyperparameters,
+                                    "threshold": evaluations[best_backbone]["threshold"]},
+                    split, settings.data_dir, url)
+            except (FileNotFoundError, ValueError) as exc:
+                # A champion whose artifact is gone or altered cannot defend its place.
+                logger.warning("champion %d cannot be scored (%s); it is replaced", champion_info["id"], exc)
+                champion_metrics, candidate_metrics, compared_on = None, evaluations[best_backbone]["test"], 0
+        decision = registry.gate(candidate_metrics, champion_metrics, primary_metric, margin)
+        if champion_metrics is None:
+            decision = registry.GateDecision(True, f"champion {champion_info['id']} unavailable: replaced")
+    logger.info("registry: best candidate %s (model %d): %s", best_backbone, ids[best_backbone], decision.reason)
+
+    with session_scope(get_engine(url)) as session:
+        archived = registry.promote(session, ids[best_backbone]) if decision.promote else None
+        rows = {b: session.get(registry.Model, ids[b]) for b in trained}
+        for b, row in rows.items():
+            card = registry.model_card_markdown(
+                backbone=b, version=row.version, stage=row.stage, sha256=row.sha256, path=row.path, snapshot=summary,
+                hyperparameters=row.hyperparameters, metrics=row.metrics, threshold=row.threshold,
+                target_fpr=target_fpr, decision=decision.reason if b == best_backbone else
+                f"not the best candidate of this run ({primary_metric})")
+            row.model_card = str(registry.write_model_card(Path(row.path).parent, card))
+        stages = {b: row.stage for b, row in rows.items()}
+        versions = {b: row.version for b, row in rows.items()}
+        columns, table = registry.registry_rows(session)
+
+    for b in trained:
+        e = evaluations[b]
+        title = f"{b} v{versions[b]} ({stages[b]})"
+        report = Path(e["files"]["roc"]).parent / "report.md"
+        report.write_text(report_markdown(title, e, confound, embed=False))
+        create_markdown_artifact(report_markdown(title, e, confound), key=f"model-report-{b.replace('_', '-')}",
+                                 description=f"evaluation of {title}")
+        emit(REGISTERED_EVENT, f"facetrace.model.{ids[b]}",
+             {"model_id": ids[b], "backbone": b, "version": versions[b], "stage": stages[b],
+              "snapshot_id": split.snapshot_id, "roc_auc": e["test"].get("roc_auc"),
+              "tpr_at_5pct_fpr": e["test"].get("tpr_at_5pct_fpr"), "threshold": e["threshold"],
+              "promoted": stages[b] == "champion" and decision.promote, "archived_model_id": archived
+              if b == best_backbone else None},
+             **{"facetrace.model.backbone": b, "facetrace.model.stage": stages[b]})
+    create_table_artifact([dict(zip(columns, row)) for row in table], key="model-registry",
+                          description="the model registry after this run")
+    models = {b: {"id": ids[b], "version": versions[b], "stage": stages[b], "path": trained[b].path,
+                  "seconds": round(trained[b].seconds, 1), "threshold": evaluations[b]["threshold"],
+                  "test": evaluations[b]["test"], "robustness": evaluations[b]["robustness"]}
+              for b in trained}
+    return {"snapshot_id": split.snapshot_id, "models": models,
+            "best": best_backbone, "promoted": decision.promote, "decision": decision.reason,
+            "compared_on": compared_on, "archived": archived, "confound_audit": confound}

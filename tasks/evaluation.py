@@ -1,0 +1,513 @@
+"""Evaluation on the held-out test split: metrics, per-source breakdown, robustness, plots,
+Grad-CAM, and the confound audit (can file metadata alone tell the classes apart?).
+
+Synthetic is the positive class; a score is P(synthetic). Threshold-dependent metrics use the
+decision threshold chosen on the validation split (never on test).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from facetrace.tasks.storage import open_rgb
+
+if TYPE_CHECKING:
+    from facetrace.tasks.splits import SnapshotSplit
+    from facetrace.tasks.training import TrainedModel
+
+ROBUSTNESS_VARIANTS = ("original", "jpeg90", "jpeg75", "jpeg50", "half", "format_swapped")
+CONFOUND_WARNING_AUC = 0.9
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve
+
+    return roc_curve(labels, scores, drop_intermediate=False)
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target_fpr: float) -> float:
+    """The best true-positive rate whose false-positive rate does not exceed ``target_fpr``."""
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        return float("nan")
+    fpr, tpr, _ = roc_points(labels, scores)
+    allowed = fpr <= target_fpr + 1e-12
+    return float(tpr[allowed].max()) if allowed.any() else 0.0
+
+
+def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    labels = np.asarray(labels, float)
+    scores = np.asarray(scores, float)
+    if len(scores) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            error += mask.mean() * abs(labels[mask].mean() - scores[mask].mean())
+    return float(error)
+
+
+def binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:
+    """Every headline number for one set of scores; NaN where a metric is undefined (one class)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, int)
+    p = np.asarray(scores, float)
+    decided = (p >= threshold).astype(int)
+    tp = int(((decided == 1) & (y == 1)).sum())
+    tn = int(((decided == 0) & (y == 0)).sum())
+    fp = int(((decided == 1) & (y == 0)).sum())
+    fn = int(((decided == 0) & (y == 1)).sum())
+    both = len(set(y.tolist())) == 2
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": int(len(y)),
+        "positives": int(y.sum()),
+        "threshold": float(threshold),
+        "accuracy": (tp + tn) / len(y) if len(y) else float("nan"),
+        "accuracy_at_0_5": float(((p >= 0.5).astype(int) == y).mean()) if len(y) else float("nan"),
+        "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "tpr_at_1pct_fpr": tpr_at_fpr(y, p, 0.01) if both else float("nan"),
+        "tpr_at_5pct_fpr": tpr_at_fpr(y, p, 0.05) if both else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "fpr": fp / (fp + tn) if fp + tn else float("nan"),
+        "ece": expected_calibration_error(y, p),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def per_source(sources: Sequence[str], labels: Sequence[int], scores: Sequence[float],
+               threshold: float) -> list[dict[str, Any]]:
+    """Accuracy and mean score per (source, label): where the errors come from."""
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for index, (source, label) in enumerate(zip(sources, labels)):
+        groups[(source, int(label))].append(index)
+    rows = []
+    scores = np.asarray(scores, float)
+    for (source, label), index in sorted(groups.items()):
+        s = scores[index]
+        correct = (s >= threshold) == bool(label)
+        rows.append({"source": source, "label": "synthetic" if label else "real", "n": len(index),
+                     "accuracy": float(correct.mean()), "mean_score": float(s.mean())})
+    return rows
+
+
+def clean_json(value: Any) -> Any:
+    """NaN and numpy types -> JSON-safe values (NaN -> None) for the catalog's JSON columns."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def encode(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def variant_bytes(path: str | os.PathLike, label: str, variant: str) -> bytes:
+    """The file at ``path`` transformed as a robustness variant would arrive at prediction time."""
+    if variant == "original":
+        return Path(path).read_bytes()
+    image = open_rgb(Path(path))
+    if variant.startswith("jpeg"):
+        return encode(image, "JPEG", int(variant.removeprefix("jpeg")))
+    if variant == "half":
+        half = image.resize((max(1, image.width // 2), max(1, image.height // 2)), Image.Resampling.LANCZOS)
+        with Image.open(path) as original:
+            fmt = original.format if original.format in ("JPEG", "PNG", "WEBP") else "PNG"
+        return encode(half, fmt)
+    if variant == "format_swapped":
+        return encode(image, swapped_format(label))
+    raise ValueError(f"unknown robustness variant {variant!r}")
+
+
+def swapped_format(label: str) -> str:
+    """The original data's formats crossed over: synthetic faces as JPEG, real ones as PNG."""
+    return "JPEG" if label == "synthetic" else "PNG"
+
+
+def build_format_swapped(items: Sequence[tuple[str, str]], out_dir: Path) -> list[tuple[str, str, str]]:
+    """Write each (path, label) with its format swapped; returns (new path, label, format) per item."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (path, label) in enumerate(items):
+        fmt = swapped_format(label)
+        target = out_dir / f"{index:06d}-{label}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        target.write_bytes(variant_bytes(path, label, "format_swapped"))
+        written.append((str(target), label, fmt))
+    return written
+
+
+def robustness_table(paths: Sequence[str], labels: Sequence[str], threshold: float,
+                     score_bytes: Callable[[list[bytes]], np.ndarray],
+                     variants: Sequence[str] = ROBUSTNESS_VARIANTS) -> list[dict[str, Any]]:
+    """Metrics per variant: the same test images re-encoded, downscaled and format-swapped."""
+    y = np.array([int(label == "synthetic") for label in labels])
+    rows = []
+    for variant in variants:
+        data = [variant_bytes(path, label, variant) for path, label in zip(paths, labels)]
+        scores = score_bytes(data)
+        m = binary_metrics(y, scores, threshold)
+        rows.append({"variant": variant, "n": m["n"], "roc_auc": m["roc_auc"], "accuracy": m["accuracy"],
+                     "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "fpr": m["fpr"]})
+    return rows
+
+
+# ---------------------------------------------------------------- confound audit
+
+
+@dataclass
+class ConfoundAudit:
+    roc_auc: float
+    classifier: str
+    features: list[str]
+    n_train: int
+    n_test: int
+
+    @property
+    def warns(self) -> bool:
+        return not math.isnan(self.roc_auc) and self.roc_auc > CONFOUND_WARNING_AUC
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"roc_auc": self.roc_auc, "classifier": self.classifier, "features": self.features,
+                "n_train": self.n_train, "n_test": self.n_test, "warning": self.warns}
+
+    def message(self) -> str:
+        if self.warns:
+            return (f"WARNING: file metadata alone (format, width, height, file size) separates the classes "
+                    f"with ROC AUC {self.roc_auc:.3f} > {CONFOUND_WARNING_AUC}: the data can be told apart "
+                    "without looking at faces; trust only format-neutral results and the robustness table.")
+        return f"File metadata alone reaches ROC AUC {self.roc_auc:.3f} (no strong confound)."
+
+
+def metadata_features(formats: Sequence[str], widths: Sequence[int], heights: Sequence[int],
+                      sizes: Sequence[int], known_formats: Sequence[str]) -> np.ndarray:
+    rows = []
+    for fmt, w, h, b in zip(formats, widths, heights, sizes):
+        onehot = [float(fmt == k) for k in known_formats]
+        rows.append(onehot + [float(w), float(h), w / h, math.log(max(1, b)), b / (w * h)])
+    return np.array(rows, float)
+
+
+def confound_audit(train: Sequence[Any], test: Sequence[Any]) -> ConfoundAudit:
+    """Train a gradient-boosting classifier on file metadata only; its test ROC AUC is the confound.
+
+    ``train``/``test`` items need ``format``, ``width``, ``height``, ``bytes`` and ``target``.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    names = ["format", "width", "height", "aspect", "log_bytes", "bytes_per_pixel"]
+    known = sorted({item.format for item in train})
+
+    def xy(items):
+        x = metadata_features([i.format for i in items], [i.width for i in items], [i.height for i in items],
+                              [i.bytes for i in items], known)
+        return x, np.array([i.target for i in items])
+
+    x_train, y_train = xy(train)
+    x_test, y_test = xy(test)
+    if len(set(y_train.tolist())) < 2 or len(set(y_test.tolist())) < 2:
+        return ConfoundAudit(float("nan"), "none (one class)", names, len(train), len(test))
+    classifier = HistGradientBoostingClassifier(max_iter=100, max_depth=3, random_state=0,
+                                                min_samples_leaf=min(20, max(1, len(train) // 10)))
+    classifier.fit(x_train, y_train)
+    auc = float(roc_auc_score(y_test, classifier.predict_proba(x_test)[:, 1]))
+    return ConfoundAudit(auc, "HistGradientBoostingClassifier", names, len(train), len(test))
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+
+def grad_cam(model, images: np.ndarray, layer_name: str) -> np.ndarray:
+    """Grad-CAM heatmaps (N, h, w) in [0, 1] for each image's predicted class, from ``layer_name``.
+
+    Gradients are taken of the logit (before the sigmoid), computed from the head's own weights: a
+    confident prediction saturates the sigmoid, whose gradient then vanishes and leaves a blank map.
+    For a face called real the evidence for "real" is shown (the negative logit).
+    """
+    import keras
+    import tensorflow as tf
+
+    features_model = keras.Model(model.input, model.get_layer(layer_name).output)
+    head = model.get_layer("prediction")
+    kernel, bias = (tf.convert_to_tensor(w) for w in head.get_weights())
+    x = tf.convert_to_tensor(np.asarray(images, np.float32))
+    with tf.GradientTape() as tape:
+        features = features_model(x, training=False)
+        tape.watch(features)
+        logit = tf.matmul(tf.reduce_mean(features, axis=(1, 2)), kernel)[:, 0] + bias[0]
+        evidence = tf.where(logit >= 0, logit, -logit)  # the predicted class's logit
+    grads = tape.gradient(evidence, features)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> Path:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if len(set(np.asarray(labels).tolist())) == 2:
+        fpr, tpr, _ = roc_points(labels, scores)
+        ax.plot(fpr, tpr, label="model")
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    ax.set_xlabel("false-positive rate (real called synthetic)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion: dict[str, int], path: Path, title: str) -> Path:
+    plt = _figure()
+    matrix = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.2, 3), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="black")
+    ax.set_xticks([0, 1], ["real", "synthetic"])
+    ax.set_yticks([0, 1], ["real", "synthetic"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, title: str,
+              overlays: Sequence[np.ndarray] | None = None, columns: int = 6) -> Path:
+    plt = _figure()
+    count = max(1, len(images))
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8 + 0.3), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for index, (image, caption) in enumerate(zip(images, captions)):
+        ax = axes.ravel()[index]
+        ax.imshow(np.asarray(image, np.uint8))
+        if overlays is not None:
+            heat = np.asarray(Image.fromarray((overlays[index] * 255).astype(np.uint8)).resize(
+                image.shape[:2][::-1], Image.Resampling.BILINEAR)) / 255.0
+            ax.imshow(heat, cmap="jet", alpha=0.4)
+        ax.set_title(caption, fontsize=6)
+    if not len(images):
+        axes.ravel()[0].text(0.5, 0.5, "none", ha="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- the evaluation of one detector
+
+
+def stratified_sample(labels: Sequence[str], keys: Sequence[str], limit: int) -> list[int]:
+    """Up to ``limit`` indices, half per label where possible, chosen by key (deterministic)."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index in sorted(range(len(labels)), key=lambda i: keys[i]):
+        by_label[labels[index]].append(index)
+    chosen: list[int] = []
+    share = max(1, limit // max(1, len(by_label)))
+    for label in sorted(by_label):
+        chosen += by_label[label][:share]
+    return sorted(chosen)
+
+
+def data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def evaluate_detector(model, preprocess, split, tensors: dict[str, np.ndarray], report_dir: Path, *,
+                      data_dir: Path, last_conv: str, title: str, target_fpr: float = 0.05,
+                      robustness_images: int = 400) -> dict[str, Any]:
+    """Everything about one trained detector on one snapshot: threshold (validation), test metrics,
+    per-source breakdown, robustness table, plots and Grad-CAM files. Returns a JSON-safe dict."""
+    from facetrace.tasks.registry import choose_threshold
+    from facetrace.tasks.training import predict_scores, prepare_bytes
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    val_items, test_items = split.part("validation"), split.part("test")
+    y_val = np.array([i.target for i in val_items])
+    y_test = np.array([i.target for i in test_items])
+    val_scores = predict_scores(model, tensors["validation"])
+    test_scores = predict_scores(model, tensors["test"])
+    threshold = choose_threshold(y_val, val_scores, target_fpr) if len(val_items) else 0.5
+    test = binary_metrics(y_test, test_scores, threshold)
+    validation = binary_metrics(y_val, val_scores, threshold) if len(val_items) else {}
+    sources = per_source([i.source for i in test_items], y_test, test_scores, threshold)
+
+    def score_bytes(blobs: list[bytes]) -> np.ndarray:
+        if not blobs:
+            return np.zeros(0, np.float32)
+        return predict_scores(model, np.stack([prepare_bytes(b, preprocess) for b in blobs]))
+
+    sample = stratified_sample([i.label for i in test_items], [i.sha256 for i in test_items], robustness_images)
+    robustness = robustness_table([str(Path(data_dir) / test_items[i].path) for i in sample],
+                                  [test_items[i].label for i in sample], threshold, score_bytes) if sample else []
+
+    files = {"roc": str(plot_roc(y_test, test_scores, report_dir / "roc.png", f"{title}: test ROC")),
+             "confusion": str(plot_confusion(test["confusion"], report_dir / "confusion.png",
+                                             f"{title}: threshold {threshold:.3f}"))}
+    wrong = np.flatnonzero((test_scores >= threshold) != (y_test == 1))
+    wrong = wrong[np.argsort(-np.abs(test_scores[wrong] - threshold))][:12]
+    pictures = np.asarray(tensors["test"])
+    files["misclassified"] = str(plot_grid(
+        [pictures[i] for i in wrong], [f"{test_items[i].label} p={test_scores[i]:.2f}" for i in wrong],
+        report_dir / "misclassified.png",
+        f"{title}: misclassified test faces at threshold {threshold:.3f} ({len(wrong)} shown, true label above)"))
+    explain = []
+    for label in (0, 1):  # the most confident faces of each class: what the model looks at
+        members = np.flatnonzero(y_test == label)
+        explain += members[np.argsort(-np.abs(test_scores[members] - 0.5))][:3].tolist()
+    if explain:
+        heat = grad_cam(model, pictures[explain], last_conv)
+        files["gradcam"] = str(plot_grid(
+            [pictures[i] for i in explain], [f"{test_items[i].label} p={test_scores[i]:.2f}" for i in explain],
+            report_dir / "gradcam.png", f"{title}: Grad-CAM ({last_conv})", overlays=list(heat)))
+    np.savez_compressed(report_dir / "scores.npz", test_ids=[i.image_id for i in test_items], test_scores=test_scores,
+                        validation_ids=[i.image_id for i in val_items], validation_scores=val_scores)
+    return clean_json({"threshold": threshold, "target_fpr": target_fpr, "test": test, "validation": validation,
+                       "per_source": sources, "robustness": robustness, "files": files})
+
+
+def report_markdown(title: str, evaluation: Mapping[str, Any], confound: Mapping[str, Any] | None,
+                    embed: bool = True) -> str:
+    """The evaluation as markdown (a Prefect artifact and report.md), plots embedded when ``embed``."""
+    test = evaluation["test"]
+    lines = [f"# {title}", "", f"Decision threshold {evaluation['threshold']:.4f} (validation, FPR <= "
+             f"{evaluation['target_fpr']:.0%}).", "", "| metric | test |", "|---|---:|"]
+    for key in ("n", "roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "precision", "recall", "f1", "ece"):
+        value = test.get(key)
+        lines.append(f"| {key} | {'' if value is None else (f'{value:.4f}' if isinstance(value, float) else value)} |")
+    if confound:
+        auc = confound.get("roc_auc")
+        warning = (" — **WARNING: the classes are separable from file metadata alone.**"
+                   if confound.get("warning") else "")
+        lines += ["", f"Confound audit (metadata-only classifier): ROC AUC "
+                      f"{'n/a' if auc is None else f'{auc:.3f}'}{warning}"]
+    if evaluation.get("robustness"):
+        lines += ["", "| robustness variant | n | ROC AUC | accuracy | FPR |", "|---|---:|---:|---:|---:|"]
+        for row in evaluation["robustness"]:
+            auc = "" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}"
+            fpr = "" if row["fpr"] is None else f"{row['fpr']:.3f}"
+            lines.append(f"| {row['variant']} | {row['n']} | {auc} | {row['accuracy']:.4f} | {fpr} |")
+    lines += ["", "Files: " + ", ".join(f"`{path}`" for path in evaluation["files"].values())]
+    if embed:
+        for key in ("roc", "confusion", "gradcam"):
+            if key in evaluation["files"]:
+                lines += ["", f"![{key}]({data_uri(Path(evaluation['files'][key]))})"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- Prefect tasks
+
+
+@task(name="confound-audit", cache_policy=NO_CACHE)
+def audit_confounds(split: SnapshotSplit) -> dict[str, Any]:
+    """The confound audit on a snapshot's train and test splits (logged as a warning when it bites)."""
+    audit = confound_audit(split.part("train"), split.part("test"))
+    (get_run_logger().warning if audit.warns else get_run_logger().info)(audit.message())
+    return clean_json(audit.as_dict())
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.backbone}")
+def evaluate_model(trained: TrainedModel, split: SnapshotSplit, tensor_files: dict[str, str], report_dir: Path,
+                   data_dir: Path, target_fpr: float, robustness_images: int) -> dict[str, Any]:
+    """Load the saved model (safe mode, sha256 checked) and evaluate it on its snapshot."""
+    from facetrace.tasks.training import TrainConfig, backbone_spec, load_model, load_tensors
+
+    model = load_model(trained.path, trained.sha256)
+    config = TrainConfig.from_hyperparameters(trained.hyperparameters)
+    return evaluate_detector(model, config.preprocess, split, load_tensors(tensor_files), report_dir,
+                             data_dir=data_dir, last_conv=backbone_spec(trained.backbone).last_conv,
+                             title=f"{trained.backbone} (snapshot {split.snapshot_id})", target_fpr=target_fpr,
+                             robustness_images=robustness_images)
+
+
+@task(name="score-champion", cache_policy=NO_CACHE)
+def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], split: SnapshotSplit,
+                           data_dir: Path, catalog_url: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Champion and candidate scored on the same test images: the new snapshot's test split, minus any
+    image the champion trained or validated on (it would otherwise be judged on faces it has seen)."""
+    from sqlalchemy import select
+
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.db.models import SnapshotImage
+    from facetrace.tasks.training import TrainConfig, load_model, predict_scores, prepare_file
+
+    with session_scope(get_engine(catalog_url)) as session:
+        seen = set(session.scalars(select(SnapshotImage.image_id).where(
+            SnapshotImage.snapshot_id == champion["snapshot_id"], SnapshotImage.split != "test")))
+    items = [i for i in split.part("test") if i.image_id not in seen]
+    if len({i.label for i in items}) < 2:
+        # Too little unseen data to rank them; the whole test split is the fairest remaining ground.
+        get_run_logger().warning("the champion saw most of this test split; comparing on all %d test images",
+                                 len(split.part("test")))
+        items = split.part("test")
+    labels = np.array([i.target for i in items])
+    results = []
+    for entry in (champion, candidate):
+        model = load_model(entry["path"], entry["sha256"])
+        preprocess = TrainConfig.from_hyperparameters(entry["hyperparameters"]).preprocess
+        pictures = (np.stack([prepare_file(Path(data_dir) / i.path, preprocess) for i in items])
+                    if items else np.zeros((0, preprocess.image_size, preprocess.image_size, 3), np.uint8))
+        results.append(clean_json(binary_metrics(labels, predict_scores(model, pictures), entry["threshold"]))
+                       if items else {})
+    return results[0], results[1], len(items)

@@ -1,0 +1,839 @@
+"""Training: the input pipeline (decode, format-neutral re-encoding, on-disk tensor cache, tf.data,
+augmentation) and the backbones (keras.applications MobileNetV2 and Xception with a small head).
+
+Format-neutral mode (on by default) is the reason scores here mean something: the original data has
+every synthetic face as a 512x512 PNG and every real one as a JPEG of another size, so a model can
+separate them by file format alone. Every image, whatever its class, is centre-cropped to a square
+and re-encoded through the same JPEG encoder at the same quality and size before a model sees it, in
+training, evaluation and prediction alike (:func:`prepare_image` is the one function all three use).
+
+TensorFlow is imported inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from facetrace.tasks.splits import SnapshotSplit
+from facetrace.tasks.storage import open_rgb, to_rgb
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a file becomes the model's input tensor; stored with every model so prediction matches."""
+
+    image_size: int = 96
+    format_neutral: bool = True
+    jpeg_quality: int = 90  # the shared re-encoding (format-neutral mode)
+    reencode_size: int | None = None  # re-encode at this size, then resize to image_size (None: at image_size)
+
+    def key(self) -> str:
+        """A short hash of everything that changes the cached tensors."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation; every knob can be turned off (0 or False)."""
+
+    flip: bool = True
+    rotation_degrees: float = 8.0
+    zoom: float = 0.1  # random crop of up to this fraction, resized back
+    jpeg_probability: float = 0.5  # re-encode again at a random quality in jpeg_quality_range
+    jpeg_quality_range: tuple[int, int] = (60, 95)
+    blur_probability: float = 0.2
+    blur_sigma: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.flip or self.rotation_degrees or self.zoom or self.jpeg_probability or self.blur_probability)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = "mobilenet_v2"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    patience: int = 10  # early stopping on validation ROC AUC
+    warmup_epochs: int = 1
+    bn_momentum: float = 0.9  # used when training from random initialisation (see build_model)
+    width_multiplier: float = 1.0  # MobileNetV2 alpha
+    fine_tune_epochs: int = 5  # ImageNet weights only: epochs after unfreezing the top layers
+    fine_tune_layers: int = 30
+    time_budget_s: float | None = None  # stop early (best weights kept) when training runs past this
+    seed: int = 0
+    weights: str = "auto"  # auto (ImageNet if a local file exists) | none | PATH to a weights file
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_hyperparameters(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
+        augment = dict(values.get("augment", {}))
+        if "jpeg_quality_range" in augment:
+            augment["jpeg_quality_range"] = tuple(augment["jpeg_quality_range"])
+        values["augment"] = AugmentConfig(**augment)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    application: str  # keras.applications attribute
+    min_size: int
+    last_conv: str  # the layer Grad-CAM explains
+    weight_file: str  # the no-top ImageNet file name Keras caches (may contain {size} / {alpha})
+    default_epochs: int = 30
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2", "MobileNetV2", 32, "out_relu",
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5", default_epochs=40),
+    "xception": BackboneSpec(
+        "xception", "Xception", 71, "block14_sepconv2_act",
+        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", default_epochs=30),
+}
+
+
+def default_config(backbone: str, *, image_size: int | None = None, epochs: int | None = None, seed: int = 0,
+                   **overrides: Any) -> TrainConfig:
+    """The defaults for ``backbone``: input size and re-encoding from the settings, the backbone's epochs."""
+    from facetrace.settings import get_settings
+
+    spec = backbone_spec(backbone)
+    settings = get_settings()
+    size = image_size or settings.image_size
+    if size < spec.min_size:
+        # Each backbone gets its own input size: one that is too small for it is raised, not refused.
+        log.warning("%s needs at least %d px; using %d instead of %d", backbone, spec.min_size, spec.min_size, size)
+        size = spec.min_size
+    preprocess = PreprocessConfig(image_size=size, format_neutral=settings.format_neutral,
+                                  jpeg_quality=settings.reencode_quality, reencode_size=settings.reencode_size)
+    return TrainConfig(backbone=backbone, preprocess=preprocess,
+                       epochs=epochs or spec.default_epochs, seed=seed, **overrides)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}") from None
+
+
+# ---------------------------------------------------------------- the preprocessing function
+
+
+def centre_square(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def jpeg_roundtrip(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(quality), subsampling=2, optimize=False)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        decoded.load()
+        return decoded.convert("RGB")
+
+
+def prepare_image(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Upright RGB picture -> the uint8 (size, size, 3) tensor a model sees.
+
+    Format-neutral: centre square, resize, one JPEG re-encoding shared by every class, so neither the
+    aspect ratio nor the original container (PNG vs JPEG) survives. Otherwise: a plain square resize.
+    """
+    image = to_rgb(image)
+    size = config.image_size
+    resample = Image.Resampling.LANCZOS
+    if config.format_neutral:
+        image = centre_square(image)
+        encode_size = config.reencode_size or size
+        image = image.resize((encode_size, encode_size), resample, reducing_gap=2.0)
+        image = jpeg_roundtrip(image, config.jpeg_quality)
+        if encode_size != size:
+            image = image.resize((size, size), resample, reducing_gap=2.0)
+    else:
+        image = image.resize((size, size), resample, reducing_gap=2.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def prepare_file(path: str | os.PathLike, config: PreprocessConfig) -> np.ndarray:
+    return prepare_image(open_rgb(Path(path)), config)
+
+
+def prepare_bytes(data: bytes, config: PreprocessConfig) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return prepare_image(image, config)
+
+
+# ---------------------------------------------------------------- TensorFlow set-up
+
+
+def configure_tensorflow(threads: int | None = None) -> None:
+    """Quiet logs and bounded thread pools (the CPU is shared); a no-op once TF has started."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, threads))
+        except RuntimeError:  # TF already initialised: its pools are fixed for this process
+            pass
+
+
+# ---------------------------------------------------------------- tensor cache
+
+
+def _cache_matches(meta_path: Path, shas: Sequence[str], config: PreprocessConfig) -> bool:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("sha256") == list(shas) and meta.get("preprocess") == asdict(config)
+
+
+def decode_in_parallel(paths: Sequence[str], config: PreprocessConfig, threads: int = 2):
+    """Yield prepared uint8 arrays in order; tf.data runs the PIL decoder on ``threads`` workers."""
+    import tensorflow as tf
+
+    def load(path: bytes) -> np.ndarray:
+        return prepare_file(path.decode(), config)
+
+    size = config.image_size
+    dataset = tf.data.Dataset.from_tensor_slices(list(paths)).map(
+        lambda p: tf.ensure_shape(tf.numpy_function(load, [p], tf.uint8, stateful=False), (size, size, 3)),
+        num_parallel_calls=max(1, threads), deterministic=True,
+    )
+    yield from dataset.as_numpy_iterator()
+
+
+def cached_tensors(paths: Sequence[str], shas: Sequence[str], config: PreprocessConfig, file: Path,
+                   threads: int = 2) -> np.ndarray:
+    """The prepared images as a read-only memmap (N, size, size, 3) uint8, built once per key.
+
+    ``file`` names the cache (callers key it by snapshot, split, size and preprocessing); a sidecar
+    JSON lists the sha256 of each row, so a stale or foreign file is rebuilt rather than trusted.
+    The file is written under a temporary name and renamed: concurrent builders never see half a cache.
+    """
+    file = Path(file)
+    meta_path = file.with_suffix(".json")
+    if file.exists() and _cache_matches(meta_path, shas, config):
+        return np.load(file, mmap_mode="r")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    size = config.image_size
+    tmp = file.with_name(f".tmp-{uuid.uuid4().hex}-{file.name}")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+        for index, tensor in enumerate(decode_in_parallel(paths, config, threads)):
+            array[index] = tensor
+        array.flush()
+        del array
+        tmp_meta = meta_path.with_name(f".tmp-{uuid.uuid4().hex}-{meta_path.name}")
+        tmp_meta.write_text(json.dumps({"sha256": list(shas), "preprocess": asdict(config)}))
+        os.replace(tmp, file)
+        os.replace(tmp_meta, meta_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(file, mmap_mode="r")
+
+
+# ---------------------------------------------------------------- tf.data
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, augment: AugmentConfig | None = None, drop_remainder: bool = False):
+    """Batches of (float32 pixels 0-255, float32 labels) read from a memmap, augmented, prefetched.
+
+    Whole batches are gathered from the memmap with one sorted fancy index (sequential disk reads),
+    so the cost per epoch after the first is a memory copy, not a JPEG decode.
+    """
+    import tensorflow as tf
+
+    count = len(images)
+    size = images.shape[1]
+    targets = np.zeros(count, np.float32) if labels is None else np.asarray(labels, np.float32)
+
+    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = np.sort(index)
+        return np.asarray(images[index]), targets[index]
+
+    dataset = tf.data.Dataset.range(count)
+    if shuffle:
+        dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder and count > batch_size)
+
+    def load(index):
+        pixels, y = tf.numpy_function(gather, [index], (tf.uint8, tf.float32), stateful=False)
+        pixels = tf.ensure_shape(pixels, (None, size, size, 3))
+        return pixels, tf.ensure_shape(y, (None,))
+
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None and augment.enabled:
+        augmenter = make_augmenter(augment, size, seed)
+        dataset = dataset.map(lambda x, y: (augmenter(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def make_augmenter(config: AugmentConfig, size: int, seed: int):
+    """A batch function uint8 (B, H, W, 3) -> augmented float32 0-255, built from TF ops only."""
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed)
+    lo_q, hi_q = config.jpeg_quality_range
+
+    def random_jpeg(image):
+        quality = generator.uniform((), lo_q, hi_q + 1, dtype=tf.int32)
+        return tf.image.adjust_jpeg_quality(image, quality)
+
+    def gaussian_kernel(sigma):
+        radius = 2
+        x = tf.range(-radius, radius + 1, dtype=tf.float32)
+        g = tf.exp(-(x**2) / (2.0 * sigma**2))
+        g = g / tf.reduce_sum(g)
+        kernel = g[:, None] * g[None, :]
+        return tf.tile(kernel[:, :, None, None], (1, 1, 3, 1))
+
+    def augment(batch):
+        batch_size = tf.shape(batch)[0]
+        if config.jpeg_probability > 0:
+            # Encode only the images drawn for it (a cond per image), not the whole batch.
+            pick = generator.uniform((batch_size,)) < config.jpeg_probability
+            batch = tf.map_fn(lambda pair: tf.cond(pair[1], lambda: random_jpeg(pair[0]), lambda: pair[0]),
+                              (batch, pick), fn_output_signature=tf.uint8)
+        x = tf.cast(batch, tf.float32)
+        if config.flip:
+            flip = generator.uniform((batch_size, 1, 1, 1)) < 0.5
+            x = tf.where(flip, tf.reverse(x, axis=[2]), x)
+        if config.rotation_degrees or config.zoom:
+            x = _random_affine(x, generator, config.rotation_degrees, config.zoom, size)
+        if config.blur_probability > 0:
+            sigma = generator.uniform((), 0.3, max(0.31, config.blur_sigma))
+            blurred = tf.nn.depthwise_conv2d(
+                tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC"), gaussian_kernel(sigma),
+                strides=[1, 1, 1, 1], padding="VALID")
+            pick = generator.uniform((batch_size, 1, 1, 1)) < config.blur_probability
+            x = tf.where(pick, blurred, x)
+        return tf.clip_by_value(x, 0.0, 255.0)
+
+    return augment
+
+
+def _random_affine(x, generator, degrees: float, zoom: float, size: int):
+    """Per-image small rotation and zoom-in (a random crop resized back); corners take the nearest edge."""
+    import tensorflow as tf
+
+    batch_size = tf.shape(x)[0]
+    angle = generator.uniform((batch_size,), -1.0, 1.0) * (degrees * math.pi / 180.0)
+    scale = 1.0 - generator.uniform((batch_size,), 0.0, zoom)  # < 1: sample a smaller window = zoom in
+    shift = generator.uniform((batch_size, 2), -1.0, 1.0) * (1.0 - scale)[:, None] * (size / 2.0)
+    centre = (size - 1) / 2.0
+    cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
+    # Output pixel (x, y) samples input at A @ (x - c, y - c) + c + shift.
+    a0, a1 = cos, -sin
+    b0, b1 = sin, cos
+    a2 = centre - a0 * centre - a1 * centre + shift[:, 0]
+    b2 = centre - b0 * centre - b1 * centre + shift[:, 1]
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=transforms, output_shape=tf.constant([size, size]), fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="NEAREST")  # REFLECT costs 2-4x more on CPU
+
+
+# ---------------------------------------------------------------- backbones
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser() / "models"
+
+
+def resolve_weights(backbone: str, image_size: int, requested: str = "auto", weights_dir: Path | None = None,
+                    alpha: float = 1.0) -> str | None:
+    """'imagenet', a weights file path, or None (random initialisation, with a warning).
+
+    Nothing is downloaded: ImageNet weights are used only when the file Keras would fetch is already
+    in its cache (or in ``weights_dir``), because training must work offline.
+    """
+    if requested == "none":
+        return None
+    if requested not in ("auto", "imagenet"):
+        if not Path(requested).is_file():
+            raise FileNotFoundError(f"weights file {requested} does not exist")
+        return requested
+    spec = backbone_spec(backbone)
+    rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
+    name = spec.weight_file.format(alpha=float(alpha), size=rows)
+    for directory in [d for d in (weights_dir, keras_cache_dir()) if d]:
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return "imagenet" if Path(directory) == keras_cache_dir() else str(candidate)
+    message = (f"no ImageNet weights for {backbone} ({name} not in {weights_dir or keras_cache_dir()}): "
+               "training from random initialisation (BatchNormalization momentum lowered, all layers trained)")
+    warnings.warn(message, stacklevel=2)
+    log.warning(message)
+    return None
+
+
+def build_model(backbone: str, image_size: int, weights: str | None, *, dropout: float = 0.2,
+                bn_momentum: float = 0.9, alpha: float = 1.0):
+    """Input 0-255 RGB -> backbone -> global average pooling -> dropout -> sigmoid P(synthetic).
+
+    The scaling the backbones expect ([-1, 1]) is a layer of the model, so a saved model takes raw
+    pixels and prediction cannot forget it. Without pre-trained weights, BatchNormalization momentum is
+    lowered from Keras' 0.999: on a few hundred images the moving statistics otherwise never catch up
+    with the weights and the model predicts a constant at evaluation (measured: ROC AUC 0.5 vs 0.96).
+    """
+    import keras
+
+    spec = backbone_spec(backbone)
+    if image_size < spec.min_size:
+        raise ValueError(f"{backbone} needs images of at least {spec.min_size} px, got {image_size}")
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    application = getattr(keras.applications, spec.application)
+    kwargs: dict[str, Any] = {"alpha": alpha} if backbone == "mobilenet_v2" else {}
+    base = application(include_top=False, weights=None, input_tensor=scaled, **kwargs)
+    if weights is not None:
+        source = None if weights == "imagenet" else weights
+        if source is None:
+            base_with_weights = application(include_top=False, weights="imagenet",
+                                             input_shape=(image_size, image_size, 3), **kwargs)
+            base.set_weights(base_with_weights.get_weights())
+        else:
+            base.load_weights(source)
+    elif bn_momentum:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="prediction", dtype="float32")(x)
+    model = keras.Model(inputs, outputs, name=f"facetrace_{backbone}")
+    model.backbone_layer_names = [layer.name for layer in base.layers if layer.name not in ("pixels", "scale")]
+    return model
+
+
+# ---------------------------------------------------------------- fit
+
+
+@dataclass
+class TrainedModel:
+    backbone: str
+    path: str
+    sha256: str
+    weights: str  # imagenet | file | random
+    hyperparameters: dict[str, Any]
+    history: dict[str, list[float]]
+    epochs_run: int
+    best_epoch: int
+    seconds: float
+    tensorboard: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _class_weights(labels: np.ndarray) -> dict[int, float] | None:
+    positives = float(labels.sum())
+    negatives = float(len(labels) - positives)
+    if positives == 0 or negatives == 0:
+        return None
+    total = positives + negatives
+    return {0: total / (2 * negatives), 1: total / (2 * positives)}
+
+
+def learning_rate_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.01) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to ``floor * peak``."""
+    if warmup and step < warmup:
+        return peak * (0.1 + 0.9 * step / warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _compile(model, config: TrainConfig, learning_rate: float) -> None:
+    import keras
+
+    # A plain float learning rate, set per step by a callback: a schedule object would be traced
+    # once per variable into the training graph (hundreds of conds, a minute of tracing on 2 cores).
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.weight_decay)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+
+
+def recalibrate_batch_norm(model, images: np.ndarray, batch_size: int = 128, limit: int = 1024) -> None:
+    """Re-estimate every BatchNormalization layer's moving statistics from clean training images.
+
+    From random initialisation the weights move faster than any moving average can follow, so at
+    evaluation the stored statistics describe an older network and the model can collapse to a
+    constant. A forward pass in training mode with momentum k/(k+1) for batch k sets them to the
+    exact average over the batches ("precise BN"); weights are untouched.
+    """
+    import keras
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers or len(images) == 0:
+        return
+    rng = np.random.default_rng(0)
+    index = np.sort(rng.permutation(len(images))[:limit])
+    saved = [layer.momentum for layer in layers]
+    try:
+        for k, start in enumerate(range(0, len(index), batch_size)):
+            for layer in layers:
+                layer.momentum = k / (k + 1)
+            model(np.asarray(images[index[start:start + batch_size]], np.float32), training=True)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+def _callbacks(config: TrainConfig, validation: bool, tensorboard_dir: Path | None, deadline: float | None,
+               calibration_images: np.ndarray | None, schedule: tuple[int, int, float, int]):
+    import keras
+
+    total, warmup, peak, epochs = schedule
+
+    class CosineSchedule(keras.callbacks.Callback):
+        """Warm-up then cosine decay, per step. Under a time budget the schedule is fitted to the
+        time left: once epochs have been timed, the planned epoch count shrinks to what fits before
+        the deadline and the cosine is stretched over that, so a budgeted run still ends at a low
+        learning rate instead of being cut off at a high one."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = 0
+            self.total = total
+            self.steps_per_epoch = max(1, total // max(1, epochs))
+            self.started = None
+            self.durations: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.monotonic()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.optimizer.learning_rate = learning_rate_at(self.step, self.total, warmup, peak)
+            self.step += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.durations.append(time.monotonic() - self.started)
+            if deadline is None:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.model.stop_training = True
+                return
+            if len(self.durations) < 2:
+                return  # the first epoch includes graph tracing: plan from the later ones
+            typical = float(np.median(self.durations[1:]))
+            planned = min(epochs, epoch + 1 + int(left // max(typical, 1e-3)))
+            self.total = max(self.step + 1, planned * self.steps_per_epoch)
+            if epoch + 1 >= planned:
+                self.model.stop_training = True
+
+    class PreciseBatchNorm(keras.callbacks.Callback):
+        """Recalibrate BatchNormalization before each validation, so early stopping sees real scores."""
+
+        def on_test_begin(self, logs=None):
+            recalibrate_batch_norm(self.model, calibration_images)
+
+    callbacks: list[Any] = [CosineSchedule()]
+    if calibration_images is not None:
+        callbacks.insert(0, PreciseBatchNorm())
+    if validation:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
+                                                       restore_best_weights=True, verbose=0))
+    if tensorboard_dir is not None:
+        callbacks.append(EpochScalars(tensorboard_dir))
+    return callbacks
+
+
+def EpochScalars(log_dir: Path):  # noqa: N802 - a callback class built lazily (keras imported here)
+    """Per-epoch scalars in TensorBoard's format, written with TensorFlow's own summary ops.
+
+    Keras' TensorBoard callback needs the separate `tensorboard` package even to write; this writes the
+    same event files (train/ and validation/ runs, tags epoch_loss, epoch_auc...) without it, so
+    `tensorboard --logdir` shows them wherever TensorBoard is installed.
+    """
+    import keras
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    serialized = metadata.SerializeToString()
+
+    class _EpochScalars(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writers = {run: tf.summary.create_file_writer(str(Path(log_dir) / run))
+                            for run in ("train", "validation")}
+
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                run, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                with self.writers[run].as_default():
+                    tf.summary.write(f"epoch_{tag}", tf.constant(float(value)), step=epoch, metadata=serialized)
+            with self.writers["train"].as_default():
+                rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                tf.summary.write("epoch_learning_rate", tf.constant(rate), step=epoch, metadata=serialized)
+
+        def on_train_end(self, logs=None):
+            for writer in self.writers.values():
+                writer.flush()
+
+    return _EpochScalars()
+
+
+def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray | None,
+              val_labels: np.ndarray | None, config: TrainConfig, *, pretrained: bool,
+              tensorboard_dir: Path | None = None, verbose: int = 0) -> tuple[dict[str, list[float]], int, int]:
+    """Fit in place. Random init: all layers, one phase. Pre-trained: frozen backbone, then top layers.
+
+    Returns (history, epochs run, best epoch). Early stopping watches validation ROC AUC and restores
+    the best weights; a time budget, when set, ends training early (keeping the best weights).
+    """
+    import keras
+
+    train = make_dataset(train_images, train_labels, batch_size=config.batch_size, shuffle=True,
+                         seed=config.seed, augment=config.augment, drop_remainder=True)
+    has_val = val_images is not None and len(val_images) > 0 and len(set(np.asarray(val_labels).tolist())) == 2
+    val = (make_dataset(val_images, val_labels, batch_size=max(64, config.batch_size))
+           if has_val else None)
+    steps = max(1, len(train_images) // config.batch_size) if len(train_images) > config.batch_size else 1
+    weights = _class_weights(np.asarray(train_labels))
+    deadline = time.monotonic() + config.time_budget_s if config.time_budget_s else None
+    history: dict[str, list[float]] = {}
+    # Layers trained from scratch need their statistics re-estimated; ImageNet ones stay frozen.
+    calibration = None if pretrained else train_images
+
+    def run(epochs: int, learning_rate: float, log_dir: Path | None) -> keras.callbacks.History:
+        _compile(model, config, learning_rate)
+        schedule = (steps * epochs, steps * config.warmup_epochs, learning_rate, epochs)
+        result = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=verbose,
+                           shuffle=False,  # the dataset shuffles itself
+                           callbacks=_callbacks(config, has_val, log_dir, deadline, calibration, schedule))
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        return result
+
+    if pretrained:
+        backbone_layers = set(getattr(model, "backbone_layer_names", []))
+        for layer in model.layers:
+            if layer.name in backbone_layers:
+                layer.trainable = False
+        run(config.epochs, config.learning_rate, tensorboard_dir / "frozen" if tensorboard_dir else None)
+        if config.fine_tune_epochs > 0 and not (deadline and time.monotonic() > deadline):
+            # Unfreeze the top layers; BatchNormalization stays frozen so its ImageNet statistics hold.
+            for layer in [lyr for lyr in model.layers if lyr.name in backbone_layers][-config.fine_tune_layers:]:
+                if not isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = True
+            run(config.fine_tune_epochs, config.learning_rate / 10,
+                tensorboard_dir / "fine_tune" if tensorboard_dir else None)
+    else:
+        run(config.epochs, config.learning_rate, tensorboard_dir)
+        # Early stopping restored the best epoch's weights with that epoch's statistics; make them exact.
+        recalibrate_batch_norm(model, train_images)
+    epochs_run = len(history.get("loss", []))
+    val_auc = history.get("val_auc")
+    best_epoch = int(np.argmax(val_auc)) + 1 if val_auc else epochs_run
+    return history, epochs_run, best_epoch
+
+
+def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray | None,
+                   val_labels: np.ndarray | None, config: TrainConfig, out_dir: Path, *,
+                   weights_dir: Path | None = None, tensorboard_dir: Path | None = None,
+                   threads: int | None = None, verbose: int = 0) -> TrainedModel:
+    """Build, fit and save one backbone as ``out_dir/model.keras``; returns what the registry needs."""
+    configure_tensorflow(threads)
+    import keras
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    weights = resolve_weights(config.backbone, config.preprocess.image_size, config.weights, weights_dir,
+                              config.width_multiplier)
+    model = build_model(config.backbone, config.preprocess.image_size, weights, dropout=config.dropout,
+                        bn_momentum=config.bn_momentum, alpha=config.width_multiplier)
+    history, epochs_run, best_epoch = fit_model(
+        model, train_images, train_labels, val_images, val_labels, config, pretrained=weights is not None,
+        tensorboard_dir=tensorboard_dir, verbose=verbose)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.keras"
+    model.save(path)
+    return TrainedModel(
+        backbone=config.backbone, path=str(path), sha256=sha256_file(path),
+        weights="random" if weights is None else ("imagenet" if weights == "imagenet" else "file"),
+        hyperparameters=config.hyperparameters(), history=history, epochs_run=epochs_run, best_epoch=best_epoch,
+        seconds=time.perf_counter() - started, tensorboard=str(tensorboard_dir) if tensorboard_dir else None)
+
+
+def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
+    """Load a saved detector with Keras safe mode, refusing a file whose sha256 changed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if expected_sha256 and sha256_file(path) != expected_sha256:
+        raise ValueError(f"model file {path} does not match its registered sha256; refusing to load it")
+    configure_tensorflow()
+    import keras
+
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+def predict_scores(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """P(synthetic) for prepared uint8 images (N, size, size, 3)."""
+    if len(images) == 0:
+        return np.zeros(0, np.float32)
+    dataset = make_dataset(images, None, batch_size=batch_size)
+    return np.asarray(model.predict(dataset, verbose=0)).reshape(-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- prediction on files
+
+
+@dataclass
+class Prediction:
+    path: str
+    probability: float | None = None
+    decision: str | None = None
+    error: str | None = None
+
+
+def read_for_prediction(path: str | os.PathLike, config: PreprocessConfig, max_bytes: int,
+                        max_pixels: int) -> np.ndarray:
+    """A file -> the model's input, or ValueError with a one-line reason (missing, not an image, bomb...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError("no such file" if not path.exists() else "not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("empty file")
+    if size > max_bytes:
+        raise ValueError(f"file larger than {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.size[0] * image.size[1] > max_pixels:
+                    raise ValueError(f"{image.size[0]}x{image.size[1]} exceeds {max_pixels} pixels")
+                image.load()
+                return prepare_image(image, config)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
+        kind = "not an image" if type(exc).__name__ == "UnidentifiedImageError" else "unreadable image"
+        raise ValueError(f"{kind} ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def predict_files(model, config: PreprocessConfig, threshold: float, paths: Sequence[str], *, batch_size: int = 32,
+                  max_bytes: int = 25 * 1024 * 1024, max_pixels: int = 40_000_000,
+                  threads: int = 2) -> list[Prediction]:
+    """P(synthetic) and the decision at ``threshold`` per file, in order; unreadable files get an error."""
+    results: list[Prediction] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = [Prediction(str(p)) for p in paths[start:start + batch_size]]
+        pictures, ready = [], []
+
+        def read(item: Prediction):
+            try:
+                return read_for_prediction(item.path, config, max_bytes, max_pixels)
+            except ValueError as exc:
+                return exc
+
+        # PIL releases the GIL while decoding and resizing: files are read on a few threads.
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for item, outcome in zip(chunk, pool.map(read, chunk)):
+                if isinstance(outcome, ValueError):
+                    item.error = str(outcome)
+                else:
+                    pictures.append(outcome)
+                    ready.append(item)
+        if pictures:
+            scores = predict_scores(model, np.stack(pictures), batch_size=batch_size)
+            for item, score in zip(ready, scores):
+                item.probability = float(score)
+                item.decision = "synthetic" if score >= threshold else "real"
+        results.extend(chunk)
+    return results
+
+
+# ---------------------------------------------------------------- Prefect tasks
+
+
+@task(name="prepare-tensors", cache_policy=NO_CACHE, retries=1)
+def prepare_tensors(split: SnapshotSplit, preprocess: PreprocessConfig, data_dir: Path,
+                    threads: int) -> dict[str, str]:
+    """Decode, crop, re-encode and resize every image once; cached on disk per snapshot, split and size."""
+    root = Path(data_dir) / "cache" / "tensors" / f"snapshot-{split.snapshot_id}" / \
+        f"{preprocess.image_size}px-{preprocess.key()}"
+    files = {}
+    for part in ("train", "validation", "test"):
+        images = split.part(part)
+        file = root / f"{part}.npy"
+        cached_tensors([str(Path(data_dir) / i.path) for i in images], [i.sha256 for i in images], preprocess,
+                       file, threads=threads)
+        files[part] = str(file)
+    return files
+
+
+def load_tensors(files: dict[str, str]) -> dict[str, np.ndarray]:
+    """The cached splits as read-only memmaps."""
+    return {part: np.load(path, mmap_mode="r") for part, path in files.items()}
+
+
+@task(name="fit-backbone", cache_policy=NO_CACHE, task_run_name="fit-{config.backbone}")
+def fit_backbone(split: SnapshotSplit, config: TrainConfig, tensor_files: dict[str, str], model_dir: Path,
+                 tensorboard_dir: Path, weights_dir: Path | None, threads: int) -> TrainedModel:
+    """Train one backbone on a snapshot's cached tensors (one task per backbone; they may run at once)."""
+    tensors = load_tensors(tensor_files)
+    labels = {part: np.array([i.target for i in split.part(part)], np.float32) for part in tensors}
+    get_run_logger().info("training %s on %d images (%d validation) at %d px", config.backbone,
+                          len(labels["train"]), len(labels["validation"]), config.preprocess.image_size)
+    return train_backbone(tensors["train"], labels["train"], tensors["validation"], labels["validation"], config,
+                          model_dir, weights_dir=weights_dir, tensorboard_dir=tensorboard_dir, threads=threads)

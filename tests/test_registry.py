@@ -1,0 +1,259 @@
+"""The registry: threshold on validation, the champion gate, one champion in the database, model
+cards; and the whole path on tiny data (snapshot, split, both backbones, evaluation, registry,
+`facetrace models` and `facetrace predict`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from facetrace.tasks.registry import best_candidate, choose_threshold, gate
+
+# ---------------------------------------------------------------- threshold
+
+
+def test_threshold_keeps_validation_false_positives_within_the_target():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200), np.ones(200)].astype(int)
+    scores = np.r_[rng.beta(2, 5, 200), rng.beta(5, 2, 200)]
+    for target in (0.01, 0.05, 0.2):
+        t = choose_threshold(labels, scores, target)
+        fpr = ((scores >= t) & (labels == 0)).sum() / 200
+        assert fpr <= target
+        # ...and it is the lowest such threshold: one real face more would be let through below it.
+        reals_above = np.sort(scores[labels == 0])[::-1][: int(math.floor(target * 200)) + 1]
+        assert t > reals_above[-1]
+
+
+def test_threshold_without_real_faces_falls_back_to_one_half():
+    assert choose_threshold([1, 1], [0.2, 0.9], 0.05) == 0.5
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def m(auc, tpr1=0.5):
+    return {"roc_auc": auc, "tpr_at_1pct_fpr": tpr1}
+
+
+def test_better_candidate_is_promoted_and_worse_stays_candidate():
+    assert gate(m(0.95), m(0.90), margin=0.01).promote
+    assert not gate(m(0.90), m(0.95), margin=0.01).promote
+    assert not gate(m(0.905), m(0.90), margin=0.01).promote  # better, but not by the margin
+    assert gate(m(0.91), m(0.90), margin=0.01).promote  # exactly the margin counts
+    assert gate(m(0.5), None).promote  # no champion yet
+
+
+def test_ties_on_the_primary_metric_follow_the_tie_break_rule():
+    # No margin: a tie on ROC AUC is decided by TPR at 1% FPR, and only a strictly better one wins.
+    assert gate(m(0.9, tpr1=0.6), m(0.9, tpr1=0.5), margin=0.0).promote
+    assert not gate(m(0.9, tpr1=0.5), m(0.9, tpr1=0.6), margin=0.0).promote
+    assert not gate(m(0.9, tpr1=0.5), m(0.9, tpr1=0.5), margin=0.0).promote
+    # A positive margin cannot be cleared by a tie.
+    assert not gate(m(0.9, tpr1=0.9), m(0.9, tpr1=0.1), margin=0.01).promote
+    # Among one run's candidates the same order applies; a full tie keeps the earliest.
+    assert best_candidate([(1, m(0.9, 0.5)), (2, m(0.9, 0.7)), (3, m(0.8, 1.0))]) == 2
+    assert best_candidate([(4, m(0.9, 0.5)), (3, m(0.9, 0.5))]) == 3
+
+
+def test_a_missing_metric_never_wins():
+    assert not gate({"roc_auc": None}, m(0.6)).promote
+    assert gate(m(0.6), {"roc_auc": None}).promote
+
+
+# ---------------------------------------------------------------- one champion in the catalog
+
+
+@pytest.fixture
+def catalog(catalog_url):
+    from facetrace.db.engine import dispose_engines, get_engine
+
+    engine = get_engine(catalog_url)
+    yield engine
+    dispose_engines()
+
+
+def _snapshot(session) -> int:
+    from facetrace.db.models import Snapshot
+
+    snapshot = Snapshot(seed=0, image_count=0, content_hash="0" * 64)
+    session.add(snapshot)
+    session.flush()
+    return snapshot.id
+
+
+def test_promotion_archives_the_previous_champion_and_the_database_allows_only_one(catalog):
+    from sqlalchemy.exc import IntegrityError
+
+    from facetrace.db.engine import session_scope
+    from facetrace.db.models import Model
+    from facetrace.tasks.registry import add_candidate, current_champion, promote
+
+    def candidate(session, snapshot_id, auc):
+        return add_candidate(session, backbone="mobilenet_v2", path="/m.keras", sha256="a" * 64,
+                             snapshot_id=snapshot_id, image_size=96, hyperparameters={}, metrics={"test": m(auc)},
+                             threshold=0.5).id
+
+    with session_scope(catalog) as session:
+        sid = _snapshot(session)
+        first, second = candidate(session, sid, 0.9), candidate(session, sid, 0.95)
+        assert promote(session, first) is None
+    with session_scope(catalog) as session:
+        assert promote(session, second) == first
+    with session_scope(catalog) as session:
+        assert current_champion(session).id == second
+        assert session.get(Model, first).stage == "archived"
+        assert [session.get(Model, i).version for i in (first, second)] == [1, 2]
+    with pytest.raises(IntegrityError), session_scope(catalog) as session:
+        session.get(Model, first).stage = "champion"  # a second champion is refused by the index
+        session.flush()
+
+
+def test_model_card_names_data_metrics_and_the_confound_warning():
+    from facetrace.tasks.registry import model_card_markdown
+
+    card = model_card_markdown(
+        backbone="xception", version=3, stage="candidate", sha256="b" * 64, path="/x/model.keras",
+        snapshot={"id": 7, "image_count": 10, "counts": {"train": {"real": 3, "synthetic": 4}},
+                  "sources": [{"source": "folder:/f", "label": "real", "images": 3, "provenance": "n/a 3"}]},
+        hyperparameters={"preprocess": {"image_size": 96, "format_neutral": True, "jpeg_quality": 90}},
+        metrics={"test": {"roc_auc": 0.97, "n": 4, "confusion": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}},
+                 "confound_audit": {"roc_auc": 0.99, "warning": True, "classifier": "gb", "features": ["format"]},
+                 "robustness": [{"variant": "jpeg50", "n": 4, "roc_auc": 0.9, "accuracy": 0.75,
+                                 "tpr_at_5pct_fpr": 0.5, "fpr": 0.5}],
+                 "training": {"weights": "random", "epochs_run": 1, "best_epoch": 1, "seconds": 3.0}},
+        threshold=0.42, target_fpr=0.05)
+    assert "snapshot 7" in card and "0.9700" in card and "jpeg50" in card and "0.4200" in card
+    assert "Warning: confound" in card and "Known limits" in card
+
+
+# ---------------------------------------------------------------- the whole path on tiny data
+
+
+def write_faces(root: Path, per_class: int = 14) -> Path:
+    """Real faces as JPEG of assorted sizes, synthetic ones as 64x64 PNG (the original data's confound)."""
+    rng = np.random.default_rng(0)
+    (root / "Real").mkdir(parents=True)
+    (root / "AI").mkdir(parents=True)
+    for i in range(per_class):
+        w, h = int(rng.integers(60, 120)), int(rng.integers(60, 120))
+        yy, xx = np.mgrid[0:h, 0:w]
+        real = 140 + 60 * np.sin((xx + 5 * i) / 7.0)[..., None] * np.array([1.0, 0.7, 0.5])
+        PILImage.fromarray(np.clip(real + rng.normal(0, 10, (h, w, 3)), 0, 255).astype("uint8")).save(
+            root / "Real" / f"r{i}.jpg", quality=90)
+        yy, xx = np.mgrid[0:64, 0:64]
+        fake = 70 + (((xx // 6 + yy // 6 + i) % 2) * 100)[..., None] * np.array([0.4, 0.6, 1.0])
+        PILImage.fromarray(np.clip(fake + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype("uint8")).save(
+            root / "AI" / f"s{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
+        prefect_harness, sqlite_settings_env, tmp_path, capsys, monkeypatch):
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.db.models import Model, Snapshot
+    from facetrace.flows.cli import main
+    from facetrace.flows.ingest import ingest_faces
+    from facetrace.flows.train import train_and_evaluate
+
+    data_dir = sqlite_settings_env.data_dir
+    faces = write_faces(tmp_path / "faces")
+    ingest_faces(kind="folder", path=str(faces))
+    # 48 px: MobileNetV2 takes it, Xception (71 px at least) gets its own, larger input from the same images.
+    result = train_and_evaluate(backbones=("mobilenet_v2", "xception"), epochs=1, image_size=48, seed=0)
+
+    assert set(result["models"]) == {"mobilenet_v2", "xception"}
+    assert result["promoted"] and result["archived"] is None
+    assert result["confound_audit"]["roc_auc"] is not None
+    with session_scope(get_engine()) as session:
+        rows = {row.backbone: row for row in session.query(Model)}
+        snapshot = session.get(Snapshot, result["snapshot_id"])
+        assert snapshot.image_count == 28
+    assert (rows["mobilenet_v2"].image_size, rows["xception"].image_size) == (48, 71)
+    assert sorted(row.stage for row in rows.values()) == ["candidate", "champion"]
+    for backbone, row in rows.items():
+        path = Path(row.path)
+        assert path.is_file() and path.suffix == ".keras" and data_dir.resolve() in path.resolve().parents
+        assert row.threshold is not None and 0.0 <= row.threshold <= 1.0
+        test = row.metrics["test"]
+        for key in ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1", "ece"):
+            assert key in test
+        assert {r["variant"] for r in row.metrics["robustness"]} >= {"jpeg90", "jpeg75", "jpeg50", "half",
+                                                                   "format_swapped"}
+        assert row.metrics["per_source"]
+        for name in ("roc", "confusion", "misclassified", "gradcam"):
+            assert Path(row.metrics["reports"][name]).is_file()
+        card = Path(row.model_card).read_text()
+        assert backbone in card and "Confound audit" in card
+        assert Path(row.model_card).parent == path.parent
+
+    capsys.readouterr()
+    assert main(["models", "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["backbone"] for r in listed} == {"mobilenet_v2", "xception"}
+
+    picks = [str(faces / "Real" / "r0.jpg"), str(faces / "AI" / "s0.png"), str(faces / "AI" / "s1.png")]
+    assert main(["predict", *picks, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["path"] for p in out["predictions"]] == picks
+    for p in out["predictions"]:
+        assert 0.0 <= p["probability"] <= 1.0 and p["decision"] in ("real", "synthetic") and p["error"] is None
+        assert p["decision"] == ("synthetic" if p["probability"] >= out["model"]["threshold"] else "real")
+
+    assert main(["predict", *picks[:2], "--model", str(rows["xception"].id)]) == 0
+    table = capsys.readouterr().out
+    assert "r0.jpg" in table and "s0.png" in table and "xception" in table
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a picture")
+    assert main(["predict", picks[0], str(broken), str(tmp_path / "missing.png"), "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["predictions"][0]["error"] is None
+    assert "not an image" in out["predictions"][1]["error"] and out["predictions"][2]["error"] == "no such file"
+    assert "broken.jpg: not an image" in captured.err
+
+    assert main(["predict", picks[0], "--model", "9999"]) == 2
+    assert "no model with id 9999" in capsys.readouterr().err
+
+    # A second run on a grown catalog: a new snapshot, so the champion is re-scored on the new test
+    # split (minus what it trained on) beside the new candidate, and the database keeps one champion.
+    more = tmp_path / "more"
+    for sub in ("Real", "AI"):
+        (more / sub).mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        PILImage.fromarray(rng.integers(0, 255, (70, 90, 3)).astype("uint8")).save(more / "Real" / f"n{i}.jpg")
+        PILImage.fromarray(rng.integers(0, 255, (64, 64, 3)).astype("uint8")).save(more / "AI" / f"n{i}.png")
+    ingest_faces(kind="folder", path=str(more))
+    champion_before = next(row.id for row in rows.values() if row.stage == "champion")
+    second = train_and_evaluate(backbones=("mobilenet_v2",), epochs=1, image_size=48, seed=0, margin=0.0)
+    assert second["snapshot_id"] != result["snapshot_id"] and second["compared_on"] > 0
+    with session_scope(get_engine()) as session:
+        stages = {row.id: row.stage for row in session.query(Model)}
+    assert list(stages.values()).count("champion") == 1
+    if second["promoted"]:
+        assert second["archived"] == champion_before and stages[champion_before] == "archived"
+    else:
+        assert stages[champion_before] == "champion" and stages[second["models"]["mobilenet_v2"]["id"]] == "candidate"
+
+
+def test_training_refuses_a_catalog_whose_latest_validation_failed_critically(prefect_harness, sqlite_settings_env,
+                                                                              capsys):
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.db.models import Snapshot, ValidationRun
+    from facetrace.flows.cli import main
+
+    with session_scope(get_engine()) as session:
+        session.add(ValidationRun(suite="catalog", success=False, critical_failure=True, statistics={},
+                                  results=[{"expectation": "labels", "success": False, "severity": "critical"}]))
+    assert main(["train", "--backbones", "mobilenet_v2", "--epochs", "1"]) == 2
+    assert "facetrace train:" in capsys.readouterr().err
+    with session_scope(get_engine()) as session:
+        assert session.query(Snapshot).count() == 0  # refused before anything was frozen or trained

@@ -1,0 +1,273 @@
+"""The input pipeline: format-neutral preprocessing, the tensor cache, tf.data batches and
+augmentation, the backbones' set-up without ImageNet weights, and the robustness sets."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facetrace.tasks import training
+from facetrace.tasks.evaluation import (
+    binary_metrics,
+    build_format_swapped,
+    confound_audit,
+    expected_calibration_error,
+    tpr_at_fpr,
+    variant_bytes,
+)
+from facetrace.tasks.training import PreprocessConfig, cached_tensors, prepare_bytes, prepare_file
+
+
+def face_like(width: int = 120, height: int = 90, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 128 + 80 * np.sin(xx / 9.0 + seed)[..., None] * np.array([1.0, 0.6, 0.3]) + 30 * np.cos(yy / 5.0)[..., None]
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, (height, width, 3)), 0, 255).astype("uint8"))
+
+
+def save(image: Image.Image, path: Path, fmt: str, **params) -> Path:
+    image.save(path, format=fmt, **params)
+    return path
+
+
+# ---------------------------------------------------------------- format-neutral mode
+
+
+def test_the_same_picture_as_png_and_as_jpeg_reaches_the_model_through_the_same_reencoding(tmp_path, monkeypatch):
+    picture = face_like(160, 100)
+    png = save(picture, tmp_path / "face.png", "PNG")
+    jpeg = save(picture, tmp_path / "face.jpg", "JPEG", quality=97)
+    config = PreprocessConfig(image_size=48, jpeg_quality=85)
+
+    calls = []
+    original = training.jpeg_roundtrip
+
+    def spy(image, quality):
+        calls.append((image.size, quality))
+        return original(image, quality)
+
+    monkeypatch.setattr(training, "jpeg_roundtrip", spy)
+    from_png, from_jpeg = prepare_file(png, config), prepare_file(jpeg, config)
+    # Both went through exactly one JPEG encoding, at the configured size and quality...
+    assert calls == [((48, 48), 85), ((48, 48), 85)]
+    assert from_png.shape == from_jpeg.shape == (48, 48, 3) and from_png.dtype == np.uint8
+    # ...and what comes out is that re-encoding of the centre square, whatever the container was.
+    expected = np.asarray(original(training.centre_square(picture).resize((48, 48), Image.Resampling.LANCZOS,
+                                                                         reducing_gap=2.0), 85))
+    assert np.array_equal(from_png, expected)
+    assert np.abs(from_png.astype(int) - from_jpeg.astype(int)).mean() < 3.0
+
+
+def test_format_neutral_crops_the_centre_square_so_the_aspect_ratio_leaves_no_trace(tmp_path):
+    wide = np.zeros((60, 180, 3), np.uint8)
+    wide[:, 60:120] = 200  # the centre square is uniformly bright; the sides are black
+    image = Image.fromarray(wide)
+    neutral = prepare_bytes(_png(image), PreprocessConfig(image_size=32))
+    squashed = prepare_bytes(_png(image), PreprocessConfig(image_size=32, format_neutral=False))
+    assert neutral.mean() > 190  # only the centre square survives
+    assert squashed.mean() < 100  # the plain resize keeps the black sides
+
+
+def test_exif_rotation_and_odd_modes_are_handled_by_the_canonical_decoder(tmp_path):
+    rgba = Image.new("RGBA", (40, 80), (255, 0, 0, 0))
+    grey16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    for picture in (rgba, grey16):
+        out = prepare_bytes(_png(picture), PreprocessConfig(image_size=24))
+        assert out.shape == (24, 24, 3)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- cache and tf.data
+
+
+def test_tensor_cache_is_built_once_and_rebuilt_when_the_images_change(tmp_path):
+    paths = [str(save(face_like(seed=i), tmp_path / f"{i}.png", "PNG")) for i in range(5)]
+    config = PreprocessConfig(image_size=32)
+    file = tmp_path / "cache" / "train.npy"
+    first = cached_tensors(paths, [f"sha{i}" for i in range(5)], config, file)
+    assert first.shape == (5, 32, 32, 3)
+    assert np.array_equal(first[3], prepare_file(paths[3], config))  # rows in order
+    stamp = file.stat().st_mtime_ns
+    again = cached_tensors(paths, [f"sha{i}" for i in range(5)], config, file)
+    assert file.stat().st_mtime_ns == stamp and np.array_equal(first, again)
+    assert json.loads(file.with_suffix(".json").read_text())["sha256"][0] == "sha0"
+    changed = cached_tensors(paths[:4], [f"sha{i}" for i in range(4)], config, file)
+    assert changed.shape[0] == 4
+    assert not list(file.parent.glob(".tmp-*"))
+
+
+def test_dataset_batches_shuffles_and_augments_within_range():
+    images = np.stack([np.full((32, 32, 3), i * 10, np.uint8) for i in range(10)])
+    labels = np.arange(10) % 2
+    plain = list(training.make_dataset(images, labels, batch_size=4).as_numpy_iterator())
+    assert [len(x) for x, _ in plain] == [4, 4, 2]
+    assert plain[0][0].dtype == np.float32 and np.array_equal(plain[0][0][1], np.full((32, 32, 3), 10.0))
+    augment = training.AugmentConfig(rotation_degrees=10, zoom=0.1, jpeg_probability=1.0, blur_probability=1.0)
+    batches = list(training.make_dataset(images, labels, batch_size=4, shuffle=True, augment=augment,
+                                         drop_remainder=True).as_numpy_iterator())
+    assert len(batches) == 2
+    for x, y in batches:
+        assert x.shape == (4, 32, 32, 3) and x.min() >= 0 and x.max() <= 255
+        # Each image is still (nearly) its flat grey level: augmentation bends, it does not relabel.
+        for picture, label in zip(x, y):
+            level = picture.mean() / 10
+            assert abs(level - round(level)) < 0.3 and int(round(level)) % 2 == int(label)
+
+
+# ---------------------------------------------------------------- backbones without ImageNet weights
+
+
+def test_missing_imagenet_weights_warn_and_fall_back_to_random_initialisation(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.warns(UserWarning, match="random initialisation"):
+        assert training.resolve_weights("xception", 96, "auto") is None
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training.resolve_weights("xception", 96, "auto", weights) == str(
+            weights / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert training.resolve_weights("mobilenet_v2", 96, "none") is None
+    with pytest.raises(ValueError, match="unknown backbone"):
+        training.default_config("resnet")
+
+
+def test_random_init_lowers_batchnorm_momentum_and_precise_bn_matches_the_data():
+    import keras
+
+    model = training.build_model("mobilenet_v2", 32, None, bn_momentum=0.9, alpha=0.35)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.momentum == 0.9 for layer in norms)
+    assert model.output_shape == (None, 1)
+    first = norms[0]
+    images = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3)).astype(np.uint8)
+    training.recalibrate_batch_norm(model, images, batch_size=16)
+    # The first BN follows the first convolution: its moving mean is now that layer's mean activation.
+    probe = keras.Model(model.input, model.get_layer(first.name).input)
+    activations = np.asarray(probe(images.astype(np.float32)))
+    assert np.allclose(np.asarray(first.moving_mean), activations.mean(axis=(0, 1, 2)), atol=1e-2)
+    assert first.momentum == 0.9  # restored after recalibration
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine():
+    rates = [training.learning_rate_at(step, total=100, warmup=10, peak=1e-3) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-4) and rates[10] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))  # warm-up rises
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # then only falls
+    assert rates[100] == pytest.approx(1e-5)  # to 1% of the peak
+
+
+def test_a_short_fit_saves_a_model_that_loads_in_safe_mode_and_refuses_a_changed_file(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (24, 32, 32, 3)).astype(np.uint8)
+    labels = (np.arange(24) % 2).astype(np.float32)
+    # Three epochs planned, but a budget already spent: the run stops after its first epoch.
+    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=32), epochs=3,
+                                  batch_size=8, width_multiplier=0.35, time_budget_s=0.001)
+    fitted = training.train_backbone(images[:16], labels[:16], images[16:], labels[16:], config, tmp_path / "m",
+                                     tensorboard_dir=tmp_path / "tb")
+    assert Path(fitted.path).name == "model.keras" and fitted.weights == "random" and fitted.epochs_run == 1
+    assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
+    model = training.load_model(fitted.path, fitted.sha256)
+    scores = training.predict_scores(model, images[:5])
+    assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
+    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters) == config
+    Path(fitted.path).write_bytes(Path(fitted.path).read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        training.load_model(fitted.path, fitted.sha256)
+
+
+# ---------------------------------------------------------------- evaluation helpers
+
+
+def test_format_swapped_set_swaps_the_formats_and_keeps_the_labels(tmp_path):
+    real = save(face_like(seed=1), tmp_path / "real.jpg", "JPEG", quality=90)
+    fake = save(face_like(seed=2), tmp_path / "fake.png", "PNG")
+    written = build_format_swapped([(str(real), "real"), (str(fake), "synthetic")], tmp_path / "swapped")
+    assert [(label, fmt) for _, label, fmt in written] == [("real", "PNG"), ("synthetic", "JPEG")]
+    for path, label, fmt in written:
+        with Image.open(path) as image:
+            assert image.format == fmt
+            assert image.size == (120, 90)
+    # The other robustness variants transform as named.
+    with Image.open(io.BytesIO(variant_bytes(fake, "synthetic", "half"))) as half:
+        assert half.size == (60, 45) and half.format == "PNG"
+    with Image.open(io.BytesIO(variant_bytes(fake, "synthetic", "jpeg50"))) as jpeg:
+        assert jpeg.format == "JPEG"
+
+
+def test_metrics_on_known_scores():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    m = binary_metrics(labels, scores, threshold=0.5)
+    assert m["confusion"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert m["accuracy"] == 0.75 and m["precision"] == 0.75 and m["recall"] == 0.75
+    assert m["roc_auc"] == pytest.approx(15 / 16)
+    assert tpr_at_fpr(labels, scores, 0.0) == 0.75 and tpr_at_fpr(labels, scores, 0.25) == 1.0
+    assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
+    one_class = binary_metrics([1, 1], [0.2, 0.9])
+    assert np.isnan(one_class["roc_auc"])
+
+
+def test_confound_audit_spots_metadata_that_gives_the_label_away():
+    from types import SimpleNamespace as Item
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(120):
+        synthetic = i % 2
+        if synthetic:  # every synthetic image a 512x512 PNG, as in the original data
+            items.append(Item(format="PNG", width=512, height=512, bytes=int(rng.integers(3e5, 5e5)), target=1))
+        else:
+            w = int(rng.integers(300, 1200))
+            items.append(Item(format="JPEG", width=w, height=int(w * 1.3), bytes=int(rng.integers(3e4, 3e5)), target=0))
+    audit = confound_audit(items[:80], items[80:])
+    assert audit.roc_auc > 0.9 and audit.warns and "WARNING" in audit.message()
+    shuffled = [Item(format="JPEG", width=100, height=100, bytes=1000, target=i % 2) for i in range(60)]
+    assert not confound_audit(shuffled[:40], shuffled[40:]).warns
+
+
+def test_a_local_imagenet_style_weights_file_is_loaded_and_the_backbone_is_frozen_then_fine_tuned(tmp_path):
+    """Stands in for the real ImageNet file (not downloadable here): same name, same layout."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35)
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    file = weights_dir / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+    with h5py.File(file, "w") as handle:
+        save_weights_to_hdf5_group(handle, reference)
+    resolved = training.resolve_weights("mobilenet_v2", 32, "auto", weights_dir, alpha=0.35)
+    assert resolved == str(file)
+    model = training.build_model("mobilenet_v2", 32, resolved, alpha=0.35)
+    first_conv = np.asarray(model.get_layer("Conv1").kernel)
+    assert np.array_equal(first_conv, np.asarray(reference.get_layer("Conv1").kernel))
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.momentum == 0.999 for layer in norms)  # pre-trained statistics keep Keras' momentum
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 255, (16, 32, 32, 3)).astype(np.uint8)
+    labels = (np.arange(16) % 2).astype(np.float32)
+    config = training.TrainConfig(preprocess=PreprocessConfig(image_size=32), epochs=1, batch_size=8,
+                                  fine_tune_epochs=1, fine_tune_layers=10, width_multiplier=0.35)
+    head_before = np.asarray(model.get_layer("prediction").kernel).copy()
+    history, epochs_run, _ = training.fit_model(model, images, labels, images[:8], labels[:8], config, pretrained=True)
+    assert epochs_run == 2  # one frozen epoch, one fine-tuning epoch
+    assert np.array_equal(np.asarray(model.get_layer("Conv1").kernel), first_conv)  # never unfrozen
+    assert not np.array_equal(np.asarray(model.get_layer("prediction").kernel), head_before)
+    top_conv = model.get_layer("Conv_1")  # within the top 10 layers: fine-tuned
+    assert top_conv.trainable
