@@ -96,6 +96,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed (model weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED = {2, 3, 4, 5, 6, 7, 8}  # EXIF orientations other than "upright"
 

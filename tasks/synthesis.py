@@ -47,7 +47,7 @@ from prefect.cache_policies import NO_CACHE
 from facetrace.db.catalog import AcceptedImage, add_image, add_rejection
 from facetrace.db.engine import get_engine, session_scope
 from facetrace.db.generations import add_generation
-from facetrace.tasks.storage import Limits, Quarantine, inspect_image, store_bytes
+from facetrace.tasks.storage import Limits, Quarantine, file_sha256, inspect_image, store_bytes
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -270,14 +270,6 @@ def choose_device(device: str | None = None, dtype: str | None = None) -> tuple[
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"unsupported dtype {dtype!r}; expected float16, bfloat16 or float32")
     return device, dtype
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def directory_hash(path: Path, *, contents: bool = False) -> str:
