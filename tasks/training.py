@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from facetrace.tasks.splits import SnapshotSplit
-from facetrace.tasks.storage import open_rgb, to_rgb
+from facetrace.tasks.storage import file_sha256, open_rgb, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -471,14 +471,6 @@ class TrainedModel:
     tensorboard: str | None = None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _class_weights(labels: np.ndarray) -> dict[int, float] | None:
     positives = float(labels.sum())
     negatives = float(len(labels) - positives)
@@ -586,8 +578,11 @@ def _callbacks(config: TrainConfig, validation: bool, tensorboard_dir: Path | No
     if calibration_images is not None:
         callbacks.insert(0, PreciseBatchNorm())
     if validation:
+        # Not before a quarter of the planned epochs: on a small validation split an early epoch can
+        # top the ROC AUC by chance, and a network learning from scratch is still far from done then.
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
-                                                       restore_best_weights=True, verbose=0))
+                                                       restore_best_weights=True, verbose=0,
+                                                       start_from_epoch=epochs // 4))
     if tensorboard_dir is not None:
         callbacks.append(EpochScalars(tensorboard_dir))
     return callbacks
@@ -649,17 +644,24 @@ def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_ima
     weights = _class_weights(np.asarray(train_labels))
     deadline = time.monotonic() + config.time_budget_s if config.time_budget_s else None
     history: dict[str, list[float]] = {}
+    best = {"epoch": 0}
     # Layers trained from scratch need their statistics re-estimated; ImageNet ones stay frozen.
     calibration = None if pretrained else train_images
 
     def run(epochs: int, learning_rate: float, log_dir: Path | None) -> keras.callbacks.History:
         _compile(model, config, learning_rate)
         schedule = (steps * epochs, steps * config.warmup_epochs, learning_rate, epochs)
+        callbacks = _callbacks(config, has_val, log_dir, deadline, calibration, schedule)
+        done_before = len(history.get("loss", []))
         result = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, verbose=verbose,
                            shuffle=False,  # the dataset shuffles itself
-                           callbacks=_callbacks(config, has_val, log_dir, deadline, calibration, schedule))
+                           callbacks=callbacks)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
+        stopper = next((c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+        # The epoch whose weights were kept (early stopping restores it), counted over all phases.
+        restored = stopper is not None and stopper.best_weights is not None
+        best["epoch"] = done_before + (stopper.best_epoch + 1 if restored else len(result.history.get("loss", [])))
         return result
 
     if pretrained:
@@ -679,10 +681,7 @@ def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_ima
         run(config.epochs, config.learning_rate, tensorboard_dir)
         # Early stopping restored the best epoch's weights with that epoch's statistics; make them exact.
         recalibrate_batch_norm(model, train_images)
-    epochs_run = len(history.get("loss", []))
-    val_auc = history.get("val_auc")
-    best_epoch = int(np.argmax(val_auc)) + 1 if val_auc else epochs_run
-    return history, epochs_run, best_epoch
+    return history, len(history.get("loss", [])), best["epoch"]
 
 
 def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray | None,
@@ -707,7 +706,7 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
     path = out_dir / "model.keras"
     model.save(path)
     return TrainedModel(
-        backbone=config.backbone, path=str(path), sha256=sha256_file(path),
+        backbone=config.backbone, path=str(path), sha256=file_sha256(path),
         weights="random" if weights is None else ("imagenet" if weights == "imagenet" else "file"),
         hyperparameters=config.hyperparameters(), history=history, epochs_run=epochs_run, best_epoch=best_epoch,
         seconds=time.perf_counter() - started, tensorboard=str(tensorboard_dir) if tensorboard_dir else None)
@@ -718,7 +717,7 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
-    if expected_sha256 and sha256_file(path) != expected_sha256:
+    if expected_sha256 and file_sha256(path) != expected_sha256:
         raise ValueError(f"model file {path} does not match its registered sha256; refusing to load it")
     configure_tensorflow()
     import keras
