@@ -293,6 +293,14 @@ def _figure():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write and release a figure (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
@@ -303,10 +311,7 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> 
     ax.set_xlabel("false-positive rate (real called synthetic)")
     ax.set_ylabel("true-positive rate")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_confusion(confusion: dict[str, int], path: Path, title: str) -> Path:
@@ -321,10 +326,7 @@ def plot_confusion(confusion: dict[str, int], path: Path, title: str) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path, title: str,
@@ -346,10 +348,7 @@ def plot_grid(images: Sequence[np.ndarray], captions: Sequence[str], path: Path,
     if not len(images):
         axes.ravel()[0].text(0.5, 0.5, "none", ha="center")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ---------------------------------------------------------------- the evaluation of one detector
