@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--jpeg-quality", type=int)
     parser.add_argument("--width", type=float, help="MobileNetV2 width multiplier (alpha)")
+    parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (large: train to the end)")
+    parser.add_argument("--crop", type=int, help="train on random crops of this size (score whole images)")
+    parser.add_argument("--reencode-size", type=int, help="re-encode at this size, then resize to --image-size")
     parser.add_argument("--time-budget", type=float, help="seconds per fit")
     parser.add_argument("--no-format-neutral", action="store_true")
     parser.add_argument("--no-augment", action="store_true")
@@ -83,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             config = replace(config, width_multiplier=args.width)
         if args.time_budget:
             config = replace(config, time_budget_s=args.time_budget)
+        if args.patience:
+            config = replace(config, patience=args.patience)
+        if args.crop:
+            config = replace(config, crop_size=args.crop)
+        if args.reencode_size:
+            config = replace(config, preprocess=replace(config.preprocess, reencode_size=args.reencode_size))
         if args.batch_size:
             config = replace(config, batch_size=args.batch_size)
         if args.jpeg_quality or args.no_format_neutral:
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             paths, [item.sha256 for item in items], config.preprocess,
             settings.data_dir / "cache" / "tensors" / f"crossval-{key}" / "all.npy", threads=args.threads)
         scores = np.full(len(items), np.nan)
+        mirrored = np.full(len(items), np.nan)  # the same test images flipped left-right (test-time flip)
         per_fold = []
         run_folds = [int(f) for f in args.only_folds.split(",")] if args.only_folds else range(args.folds)
         for fold in run_folds:
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             model = training.load_model(fitted.path, fitted.sha256)
             threshold = choose_threshold(y[val], training.predict_scores(model, tensors[val]), 0.05)
             scores[test] = training.predict_scores(model, tensors[test])
+            mirrored[test] = training.predict_scores(model, np.ascontiguousarray(tensors[test][:, :, ::-1]))
             m = binary_metrics(y[test], scores[test], threshold)
             per_fold.append({"fold": fold, "n_train": len(train), "n_val": len(val), "n_test": len(test),
                              "roc_auc": m["roc_auc"], "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"],
@@ -123,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fitted.best_epoch})", file=sys.stderr)
         done = ~np.isnan(scores)
         pooled = binary_metrics(y[done], scores[done], 0.5)
+        flipped = binary_metrics(y[done], (scores[done] + mirrored[done]) / 2, 0.5)
         results[backbone] = {
             "config": config.hyperparameters(), "per_fold": per_fold,
             "pooled_roc_auc": pooled["roc_auc"], "pooled_tpr_at_5pct_fpr": pooled["tpr_at_5pct_fpr"],
             "pooled_tpr_at_1pct_fpr": pooled["tpr_at_1pct_fpr"],
+            "flip_roc_auc": flipped["roc_auc"], "flip_tpr_at_5pct_fpr": flipped["tpr_at_5pct_fpr"],
+            "scores": scores.tolist(), "mirrored_scores": mirrored.tolist(),
             "mean_roc_auc": float(np.mean([f["roc_auc"] for f in per_fold])),
             "sd_roc_auc": float(np.std([f["roc_auc"] for f in per_fold])),
             "mean_tpr_at_5pct_fpr": float(np.mean([f["tpr_at_5pct_fpr"] for f in per_fold])),
@@ -135,18 +149,34 @@ def main(argv: list[str] | None = None) -> int:
         }
     total = time.perf_counter() - started_all
 
+    if len(results) > 1:
+        # The mean probability of every backbone (with the test-time flip): what an ensemble would score.
+        both = np.mean([(np.array(r["scores"]) + np.array(r["mirrored_scores"])) / 2 for r in results.values()], axis=0)
+        done = ~np.isnan(both)
+        ensemble = binary_metrics(y[done], both[done], 0.5)
+        results_ensemble = {"roc_auc": ensemble["roc_auc"], "tpr_at_5pct_fpr": ensemble["tpr_at_5pct_fpr"],
+                            "tpr_at_1pct_fpr": ensemble["tpr_at_1pct_fpr"]}
+    else:
+        results_ensemble = None
+
     print(f"\nGrouped {args.folds}-fold cross-validation on {len(items)} images ({total:.0f} s in all)\n")
-    print("| backbone | px | pooled ROC AUC | pooled TPR@5%FPR | pooled TPR@1%FPR | fold ROC AUC mean ± sd "
-          "| fold acc. at val threshold | s per fit |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| backbone | px | pooled ROC AUC | pooled TPR@5%FPR | pooled TPR@1%FPR | with test-time flip: ROC AUC "
+          "/ TPR@5%FPR | fold ROC AUC mean ± sd | fold acc. at val threshold | s per fit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for backbone, r in results.items():
         print(f"| {backbone} | {r['config']['preprocess']['image_size']} | {r['pooled_roc_auc']:.3f} | "
               f"{r['pooled_tpr_at_5pct_fpr']:.3f} | {r['pooled_tpr_at_1pct_fpr']:.3f} | "
+              f"{r['flip_roc_auc']:.3f} / {r['flip_tpr_at_5pct_fpr']:.3f} | "
               f"{r['mean_roc_auc']:.3f} ± {r['sd_roc_auc']:.3f} | {r['mean_accuracy_at_threshold']:.3f} | "
               f"{r['seconds_per_fit']:.0f} |")
+    if results_ensemble:
+        print(f"| mean of all (with flip) | | {results_ensemble['roc_auc']:.3f} | "
+              f"{results_ensemble['tpr_at_5pct_fpr']:.3f} | {results_ensemble['tpr_at_1pct_fpr']:.3f} | | | | |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"folds": args.folds, "images": len(items), "seconds": total,
-                                          "results": results}, indent=2, default=float))
+                                          "sha256": [item.sha256 for item in items], "labels": y.tolist(),
+                                          "fold_of": folds.tolist(), "results": results,
+                                          "ensemble": results_ensemble}, indent=2, default=float))
     return 0
 
 

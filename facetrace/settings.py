@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     reencode_size: int | None = None  # re-encode at this size, then resize to the input (None: at the input size)
     train_threads: int = 2  # TensorFlow intra-op threads per process (the CPU is shared)
     train_parallel: int = 2  # backbones trained at once (separate Prefect tasks)
+    train_ensemble: bool = True  # the backbones' mean is a candidate too (when they share an input size)
     train_time_budget_s: float = 660.0  # wall-clock seconds for all fits of one run (schedules adapt to it)
     weights_dir: Path | None = None  # Keras no-top ImageNet .h5 files; absent: ~/.keras/models, else random init
     target_fpr: float = 0.05  # the decision threshold keeps validation false positives at or below this

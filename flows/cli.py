@@ -216,7 +216,16 @@ VERB_MODULES: list[str] = ["facetrace.flows.cli_prompts", "facetrace.flows.cli_v
                            "facetrace.flows.cli_synthesis", "facetrace.flows.cli_train"]
 
 
+# Prefect's temporary server on a fresh PREFECT_HOME: its usage telemetry writes to the new SQLite
+# database while migrations hold it, and on a loaded machine "database is locked" kills the server
+# before the 20 s start-up timeout (seen on a first `facetrace ingest`). Both stay overridable.
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -128,10 +128,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from facetrace.tasks.training import TrainConfig, load_model, predict_files
 
     model = load_model(model_info["path"], model_info["sha256"])
-    preprocess = TrainConfig.from_hyperparameters(model_info["hyperparameters"]).preprocess
-    predictions = predict_files(model, preprocess, model_info["threshold"], paths, batch_size=args.batch_size,
+    config = TrainConfig.from_hyperparameters(model_info["hyperparameters"])
+    predictions = predict_files(model, config.preprocess, model_info["threshold"], paths, batch_size=args.batch_size,
                                 max_bytes=settings.max_file_bytes, max_pixels=settings.max_image_pixels,
-                                threads=settings.train_threads)
+                                threads=settings.train_threads, flip=config.test_time_flip)
     failed = [p for p in predictions if p.error]
     label = f"{model_info['backbone']} v{model_info['version']} (model {model_info['id']})"
     if args.format == "json":

@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -22,7 +23,7 @@ from facetrace.settings import get_settings
 from facetrace.tasks import registry
 from facetrace.tasks.evaluation import audit_confounds, evaluate_model, score_against_champion
 from facetrace.tasks.splits import SnapshotSplit, read_snapshot, snapshot_catalog, snapshot_summary
-from facetrace.tasks.training import TrainedModel, default_config, fit_backbone, prepare_tensors
+from facetrace.tasks.training import ENSEMBLE, TrainedModel, default_config, fit_backbone, prepare_tensors, save_ensemble
 
 REGISTERED_EVENT = "facetrace.model.registered"
 DEFAULT_BACKBONES = ("mobilenet_v2", "xception")
@@ -60,6 +61,15 @@ def fit_budget(total_s: float | None, fits: int, settings) -> float | None:
     return total_s / max(1, waves)
 
 
+@task(name="build-ensemble", cache_policy=NO_CACHE)
+def build_ensemble_candidate(trained: list[TrainedModel], out_dir: Path) -> TrainedModel | None:
+    """The backbones' mean as one saved model (None when they were prepared differently)."""
+    combined = save_ensemble(trained, out_dir)
+    if combined is None:
+        get_run_logger().info("no ensemble candidate: the backbones do not share one input size")
+    return combined
+
+
 def _run_token() -> str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -75,8 +85,12 @@ def train_and_evaluate(
     target_fpr: float | None = None,
     primary_metric: str | None = None,
     margin: float | None = None,
+    ensemble: bool | None = None,
 ) -> dict[str, Any]:
     """Train each backbone on one leakage-safe snapshot, evaluate on its test split, register the best.
+
+    With two or more backbones sharing an input size, their mean is a further candidate (``ensemble``,
+    default ``FACETRACE_TRAIN_ENSEMBLE``), evaluated and gated like the others.
 
     ``epochs`` and ``image_size`` override each backbone's tuned defaults. ``time_budget_s`` is the
     wall-clock budget of all fits (default ``FACETRACE_TRAIN_TIME_BUDGET_S``; 0 = none): each fit fits its
@@ -115,10 +129,17 @@ def train_and_evaluate(
                for b in backbones}
     confound = audit_confounds(split)
     trained = {b: future.result() for b, future in futures.items()}
+    preprocess = {b: configs[b].preprocess for b in backbones}
+    if settings.train_ensemble if ensemble is None else ensemble:
+        token = _run_token()
+        combined = build_ensemble_candidate(list(trained.values()), data_dir / "models" / ENSEMBLE / token)
+        if combined is not None:
+            trained[ENSEMBLE], preprocess[ENSEMBLE] = combined, configs[backbones[0]].preprocess
+            report_dirs[ENSEMBLE] = data_dir / "reports" / ENSEMBLE / token
 
-    evaluations = {b: evaluate_model(trained[b], split, tensor_files[configs[b].preprocess], report_dirs[b],
+    evaluations = {b: evaluate_model(trained[b], split, tensor_files[preprocess[b]], report_dirs[b],
                                      data_dir, target_fpr, settings.robustness_images)
-                   for b in backbones}
+                   for b in trained}
     summary = snapshot_summary(url, split)
     return register_run(trained, evaluations, confound, summary, split, primary_metric, margin, target_fpr, run_id)
 

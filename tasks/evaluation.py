@@ -372,21 +372,24 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def evaluate_detector(model, preprocess, split, tensors: dict[str, np.ndarray], report_dir: Path, *,
-                      data_dir: Path, last_conv: str, title: str, target_fpr: float = 0.05,
-                      robustness_images: int = 400) -> dict[str, Any]:
+def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, split, tensors: dict[str, np.ndarray],
+                      report_dir: Path, *, data_dir: Path, explained, last_conv: str, title: str,
+                      target_fpr: float = 0.05, robustness_images: int = 400) -> dict[str, Any]:
     """Everything about one trained detector on one snapshot: threshold (validation), test metrics,
-    per-source breakdown, robustness table, plots and Grad-CAM files. Returns a JSON-safe dict."""
+    per-source breakdown, robustness table, plots and Grad-CAM files. Returns a JSON-safe dict.
+
+    ``score``: prepared uint8 images -> P(synthetic), as the detector predicts (test-time flip and
+    all). ``explained``: the network whose ``last_conv`` layer Grad-CAM looks into."""
     from facetrace.tasks.registry import choose_threshold
-    from facetrace.tasks.training import predict_scores, prepare_bytes
+    from facetrace.tasks.training import prepare_bytes
 
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     val_items, test_items = split.part("validation"), split.part("test")
     y_val = np.array([i.target for i in val_items])
     y_test = np.array([i.target for i in test_items])
-    val_scores = predict_scores(model, tensors["validation"])
-    test_scores = predict_scores(model, tensors["test"])
+    val_scores = score(tensors["validation"])
+    test_scores = score(tensors["test"])
     threshold = choose_threshold(y_val, val_scores, target_fpr) if len(val_items) else 0.5
     test = binary_metrics(y_test, test_scores, threshold)
     validation = binary_metrics(y_val, val_scores, threshold) if len(val_items) else {}
@@ -395,7 +398,7 @@ def evaluate_detector(model, preprocess, split, tensors: dict[str, np.ndarray], 
     def score_bytes(blobs: list[bytes]) -> np.ndarray:
         if not blobs:
             return np.zeros(0, np.float32)
-        return predict_scores(model, np.stack([prepare_bytes(b, preprocess) for b in blobs]))
+        return score(np.stack([prepare_bytes(b, preprocess) for b in blobs]))
 
     sample = stratified_sample([i.label for i in test_items], [i.sha256 for i in test_items], robustness_images)
     robustness = robustness_table([str(Path(data_dir) / test_items[i].path) for i in sample],
@@ -416,7 +419,7 @@ def evaluate_detector(model, preprocess, split, tensors: dict[str, np.ndarray], 
         members = np.flatnonzero(y_test == label)
         explain += members[np.argsort(-np.abs(test_scores[members] - 0.5))][:3].tolist()
     if explain:
-        heat = grad_cam(model, pictures[explain], last_conv)
+        heat = grad_cam(explained, pictures[explain], last_conv)
         files["gradcam"] = str(plot_grid(
             [pictures[i] for i in explain], [f"{test_items[i].label} p={test_scores[i]:.2f}" for i in explain],
             report_dir / "gradcam.png", f"{title}: Grad-CAM ({last_conv})", overlays=list(heat)))
@@ -470,12 +473,27 @@ def audit_confounds(split: SnapshotSplit) -> dict[str, Any]:
 def evaluate_model(trained: TrainedModel, split: SnapshotSplit, tensor_files: dict[str, str], report_dir: Path,
                    data_dir: Path, target_fpr: float, robustness_images: int) -> dict[str, Any]:
     """Load the saved model (safe mode, sha256 checked) and evaluate it on its snapshot."""
-    from facetrace.tasks.training import TrainConfig, backbone_spec, load_model, load_tensors
+    from facetrace.tasks.training import SCORES, TrainConfig, backbone_spec, load_model, load_tensors
 
     model = load_model(trained.path, trained.sha256)
     config = TrainConfig.from_hyperparameters(trained.hyperparameters)
-    return evaluate_detector(model, config.preprocess, split, load_tensors(tensor_files), report_dir,
-                             data_dir=data_dir, last_conv=backbone_spec(trained.backbone).last_conv,
+    flip = config.test_time_flip
+    members = [(m["backbone"], m["sha256"], model.get_layer(f"facetrace_{m['backbone']}"))
+               for m in trained.hyperparameters.get("members", [])]
+    if members:
+        # An ensemble scores as the mean of its members, whose scores on these very images are
+        # usually remembered from their own evaluation; Grad-CAM looks into its first member.
+        def score(images: np.ndarray) -> np.ndarray:
+            return np.mean([SCORES.scores(net, sha, images, flip=flip) for _, sha, net in members], axis=0)
+
+        explained, last_conv = members[0][2], backbone_spec(members[0][0]).last_conv
+    else:
+        def score(images: np.ndarray) -> np.ndarray:
+            return SCORES.scores(model, trained.sha256, images, flip=flip)
+
+        explained, last_conv = model, backbone_spec(trained.backbone).last_conv
+    return evaluate_detector(score, config.preprocess, split, load_tensors(tensor_files), report_dir,
+                             data_dir=data_dir, explained=explained, last_conv=last_conv,
                              title=f"{trained.backbone} (snapshot {split.snapshot_id})", target_fpr=target_fpr,
                              robustness_images=robustness_images)
 
@@ -504,9 +522,10 @@ def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], 
     results = []
     for entry in (champion, candidate):
         model = load_model(entry["path"], entry["sha256"])
-        preprocess = TrainConfig.from_hyperparameters(entry["hyperparameters"]).preprocess
+        config = TrainConfig.from_hyperparameters(entry["hyperparameters"])
+        preprocess = config.preprocess
         pictures = (np.stack([prepare_file(Path(data_dir) / i.path, preprocess) for i in items])
                     if items else np.zeros((0, preprocess.image_size, preprocess.image_size, 3), np.uint8))
-        results.append(clean_json(binary_metrics(labels, predict_scores(model, pictures), entry["threshold"]))
-                       if items else {})
+        scores = predict_scores(model, pictures, flip=config.test_time_flip)
+        results.append(clean_json(binary_metrics(labels, scores, entry["threshold"])) if items else {})
     return results[0], results[1], len(items)

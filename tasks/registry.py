@@ -202,6 +202,8 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
     training = metrics.get("training", {})
     confound = metrics.get("confound_audit") or {}
     preprocess = hyperparameters.get("preprocess", {})
+    members = hyperparameters.get("members") or []
+    member_names = ", ".join(f"`{m.get('backbone')}`" for m in members)
     lines = [f"# facetrace detector: {backbone} v{version if version is not None else '?'} ({stage})", ""]
     if confound.get("warning"):
         lines += [f"> **Warning: confound.** File metadata alone (format, width, height, file size) separates "
@@ -213,8 +215,12 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
         f"- backbone: `{backbone}`, input {preprocess.get('image_size')} px, weights: {training.get('weights', '?')}",
         f"- format-neutral inputs: {preprocess.get('format_neutral')} (centre square, JPEG quality "
         f"{preprocess.get('jpeg_quality')} at {preprocess.get('reencode_size') or preprocess.get('image_size')} px)",
-        f"- trained {training.get('epochs_run')} epochs (best {training.get('best_epoch')}) in "
-        f"{training.get('seconds', 0):.0f} s; hyper-parameters in the catalog (`models.hyperparameters`)",
+        (f"- the mean P(synthetic) of {member_names} trained on this snapshot "
+         f"(members: {', '.join(str(m.get('path', '?')) for m in members)}); "
+         f"{training.get('seconds', 0):.0f} s of training in all" if members else
+         f"- trained {training.get('epochs_run')} epochs (best {training.get('best_epoch')}) in "
+         f"{training.get('seconds', 0):.0f} s; hyper-parameters in the catalog (`models.hyperparameters`)"),
+        f"- test-time flip: {'on (each image scored with its mirror image)' if hyperparameters.get('test_time_flip') else 'off'}",
         f"- decision threshold {threshold:.4f}, chosen on the validation split for a false-positive rate "
         f"of at most {target_fpr:.0%}; output is P(synthetic)",
     ]

@@ -88,6 +88,12 @@ class TrainConfig:
     warmup_epochs: int = 1
     bn_momentum: float = 0.9  # used when training from random initialisation (see build_model)
     width_multiplier: float = 1.0  # MobileNetV2 alpha
+    # Train on random crops of this many pixels of the prepared image and score the whole image (the
+    # network is fully convolutional): the model sees texture at the prepared resolution for the cost
+    # of crop-sized steps. None: train on whole images.
+    crop_size: int | None = None
+    # Score each image and its mirror image and average them (prediction, evaluation, the threshold).
+    test_time_flip: bool = True
     fine_tune_epochs: int = 5  # ImageNet weights only: epochs after unfreezing the top layers
     fine_tune_layers: int = 30
     time_budget_s: float | None = None  # stop early (best weights kept) when training runs past this
@@ -101,6 +107,8 @@ class TrainConfig:
     def from_hyperparameters(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        # Models registered before the test-time flip existed were evaluated (and thresholded) without it.
+        values.setdefault("test_time_flip", False)
         values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
         augment = dict(values.get("augment", {}))
         if "jpeg_quality_range" in augment:
@@ -280,8 +288,11 @@ def cached_tensors(paths: Sequence[str], shas: Sequence[str], config: Preprocess
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, augment: AugmentConfig | None = None, drop_remainder: bool = False):
+                 seed: int = 0, augment: AugmentConfig | None = None, drop_remainder: bool = False,
+                 crop: int | None = None):
     """Batches of (float32 pixels 0-255, float32 labels) read from a memmap, augmented, prefetched.
+
+    ``crop``: a random square of that many pixels per image (training on crops), before augmentation.
 
     Whole batches are gathered from the memmap with one sorted fancy index (sequential disk reads),
     so the cost per epoch after the first is a memory copy, not a JPEG decode.
@@ -307,12 +318,33 @@ def make_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: i
         return pixels, tf.ensure_shape(y, (None,))
 
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    if crop and crop < size:
+        cropper = make_cropper(crop, seed)
+        dataset = dataset.map(lambda x, y: (cropper(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        size = crop
     if augment is not None and augment.enabled:
         augmenter = make_augmenter(augment, size, seed)
         dataset = dataset.map(lambda x, y: (augmenter(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def make_cropper(crop: int, seed: int):
+    """A batch function uint8 (B, H, W, 3) -> (B, crop, crop, 3): an independent random square per image."""
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed + 7919)
+
+    def random_crops(batch):
+        shape = tf.shape(batch)
+        count, height, width = shape[0], shape[1], shape[2]
+        top = generator.uniform((count,), 0, height - crop + 1, dtype=tf.int32)
+        left = generator.uniform((count,), 0, width - crop + 1, dtype=tf.int32)
+        return tf.map_fn(lambda args: tf.slice(args[0], tf.stack([args[1], args[2], 0]), [crop, crop, 3]),
+                         (batch, top, left), fn_output_signature=tf.TensorSpec((crop, crop, 3), tf.uint8))
+
+    return random_crops
 
 
 def make_augmenter(config: AugmentConfig, size: int, seed: int):
@@ -416,20 +448,21 @@ def resolve_weights(backbone: str, image_size: int, requested: str = "auto", wei
 
 
 def build_model(backbone: str, image_size: int, weights: str | None, *, dropout: float = 0.2,
-                bn_momentum: float = 0.9, alpha: float = 1.0):
+                bn_momentum: float = 0.9, alpha: float = 1.0, any_size: bool = False):
     """Input 0-255 RGB -> backbone -> global average pooling -> dropout -> sigmoid P(synthetic).
 
     The scaling the backbones expect ([-1, 1]) is a layer of the model, so a saved model takes raw
     pixels and prediction cannot forget it. Without pre-trained weights, BatchNormalization momentum is
     lowered from Keras' 0.999: on a few hundred images the moving statistics otherwise never catch up
     with the weights and the model predicts a constant at evaluation (measured: ROC AUC 0.5 vs 0.96).
+    ``any_size``: the input takes any height and width (trained on crops, scored on whole images).
     """
     import keras
 
     spec = backbone_spec(backbone)
     if image_size < spec.min_size:
         raise ValueError(f"{backbone} needs images of at least {spec.min_size} px, got {image_size}")
-    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    inputs = keras.Input((None, None, 3) if any_size else (image_size, image_size, 3), name="pixels")
     scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
     application = getattr(keras.applications, spec.application)
     kwargs: dict[str, Any] = {"alpha": alpha} if backbone == "mobilenet_v2" else {}
@@ -636,7 +669,7 @@ def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_ima
     import keras
 
     train = make_dataset(train_images, train_labels, batch_size=config.batch_size, shuffle=True,
-                         seed=config.seed, augment=config.augment, drop_remainder=True)
+                         seed=config.seed, augment=config.augment, drop_remainder=True, crop=config.crop_size)
     has_val = val_images is not None and len(val_images) > 0 and len(set(np.asarray(val_labels).tolist())) == 2
     val = (make_dataset(val_images, val_labels, batch_size=max(64, config.batch_size))
            if has_val else None)
@@ -693,11 +726,15 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
     import keras
 
     started = time.perf_counter()
+    minimum = backbone_spec(config.backbone).min_size
+    if config.crop_size and config.crop_size < minimum:
+        raise ValueError(f"{config.backbone} needs crops of at least {minimum} px, got {config.crop_size}")
     keras.utils.set_random_seed(config.seed)
     weights = resolve_weights(config.backbone, config.preprocess.image_size, config.weights, weights_dir,
                               config.width_multiplier)
     model = build_model(config.backbone, config.preprocess.image_size, weights, dropout=config.dropout,
-                        bn_momentum=config.bn_momentum, alpha=config.width_multiplier)
+                        bn_momentum=config.bn_momentum, alpha=config.width_multiplier,
+                        any_size=bool(config.crop_size and config.crop_size < config.preprocess.image_size))
     history, epochs_run, best_epoch = fit_model(
         model, train_images, train_labels, val_images, val_labels, config, pretrained=weights is not None,
         tensorboard_dir=tensorboard_dir, verbose=verbose)
@@ -725,12 +762,105 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-def predict_scores(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """P(synthetic) for prepared uint8 images (N, size, size, 3)."""
+def predict_scores(model, images: np.ndarray, batch_size: int = 64, *, flip: bool = False) -> np.ndarray:
+    """P(synthetic) for prepared uint8 images (N, size, size, 3); ``flip`` averages each image's score
+    with its mirror image's (a face is a face either way round, a model's errors often are not)."""
     if len(images) == 0:
         return np.zeros(0, np.float32)
+    if flip:
+        return (predict_scores(model, images, batch_size) +
+                predict_scores(model, np.ascontiguousarray(np.asarray(images)[:, :, ::-1]), batch_size)) / 2
     dataset = make_dataset(images, None, batch_size=batch_size)
     return np.asarray(model.predict(dataset, verbose=0)).reshape(-1).astype(np.float32)
+
+
+class ScoreMemo:
+    """Scores already computed, keyed by (model sha256, flip, the exact input tensors).
+
+    Evaluating an ensemble after its members would run every member network a second time on the
+    same prepared images (validation, test, each robustness variant); with the memo, the ensemble's
+    scores are the mean of its members' remembered ones. Bounded; a miss just computes.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        from collections import OrderedDict
+
+        self.limit = limit
+        self._scores: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def scores(self, model, sha256: str, images: np.ndarray, *, flip: bool = False) -> np.ndarray:
+        images = np.ascontiguousarray(images)
+        key = (sha256, flip, images.shape, hashlib.blake2b(images.data, digest_size=16).hexdigest())
+        if key in self._scores:
+            self._scores.move_to_end(key)
+            return self._scores[key]
+        result = predict_scores(model, images, flip=flip)
+        self._scores[key] = result
+        while len(self._scores) > self.limit:
+            self._scores.popitem(last=False)
+        return result
+
+    def clear(self) -> None:
+        self._scores.clear()
+
+
+SCORES = ScoreMemo()
+
+
+# ---------------------------------------------------------------- ensemble
+
+
+ENSEMBLE = "ensemble"
+
+
+def build_ensemble(members: Sequence, image_size: int):
+    """One Keras model whose P(synthetic) is the mean of its members' on the same prepared input.
+
+    The members stay whole inside it (nested models named ``facetrace_<backbone>``), so the saved
+    ensemble loads in safe mode like any detector and each member can still be explained on its own.
+    """
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    outputs = keras.layers.Average(name="prediction")([member(inputs) for member in members])
+    return keras.Model(inputs, outputs, name="facetrace_ensemble")
+
+
+def ensemble_member_names(model) -> list[str]:
+    """The backbones inside an ensemble model (empty for a single backbone)."""
+    return [layer.name.removeprefix("facetrace_") for layer in model.layers
+            if layer.name.startswith("facetrace_") and hasattr(layer, "layers")]
+
+
+def save_ensemble(trained: Sequence[TrainedModel], out_dir: Path) -> TrainedModel | None:
+    """The mean of several trained backbones as one saved candidate, or None when it cannot be formed.
+
+    Members must share their preprocessing (one prepared input feeds all of them): backbones given
+    different input sizes are not combined. Averaging two independently trained networks cancels
+    part of each one's errors; the registry then judges the ensemble like any other candidate.
+    """
+    if len(trained) < 2:
+        return None
+    configs = [TrainConfig.from_hyperparameters(t.hyperparameters) for t in trained]
+    if any(c.preprocess != configs[0].preprocess for c in configs[1:]):
+        log.info("no ensemble: the backbones were prepared differently (%s)",
+                 ", ".join(f"{c.backbone} {c.preprocess.image_size} px" for c in configs))
+        return None
+    started = time.perf_counter()
+    members = [load_model(t.path, t.sha256) for t in trained]
+    model = build_ensemble(members, configs[0].preprocess.image_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.keras"
+    model.save(path)
+    hyperparameters = {"backbone": ENSEMBLE, "preprocess": asdict(configs[0].preprocess),
+                       "test_time_flip": all(c.test_time_flip for c in configs),
+                       "members": [{"backbone": t.backbone, "path": t.path, "sha256": t.sha256} for t in trained]}
+    return TrainedModel(
+        backbone=ENSEMBLE, path=str(path), sha256=file_sha256(path),
+        weights="+".join(sorted({t.weights for t in trained})), hyperparameters=hyperparameters, history={},
+        epochs_run=max(t.epochs_run for t in trained), best_epoch=0,
+        seconds=sum(t.seconds for t in trained) + time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- prediction on files
@@ -772,7 +902,7 @@ def read_for_prediction(path: str | os.PathLike, config: PreprocessConfig, max_b
 
 def predict_files(model, config: PreprocessConfig, threshold: float, paths: Sequence[str], *, batch_size: int = 32,
                   max_bytes: int = 25 * 1024 * 1024, max_pixels: int = 40_000_000,
-                  threads: int = 2) -> list[Prediction]:
+                  threads: int = 2, flip: bool = False) -> list[Prediction]:
     """P(synthetic) and the decision at ``threshold`` per file, in order; unreadable files get an error."""
     results: list[Prediction] = []
     for start in range(0, len(paths), batch_size):
@@ -794,7 +924,7 @@ def predict_files(model, config: PreprocessConfig, threshold: float, paths: Sequ
                     pictures.append(outcome)
                     ready.append(item)
         if pictures:
-            scores = predict_scores(model, np.stack(pictures), batch_size=batch_size)
+            scores = predict_scores(model, np.stack(pictures), batch_size=batch_size, flip=flip)
             for item, score in zip(ready, scores):
                 item.probability = float(score)
                 item.decision = "synthetic" if score >= threshold else "real"

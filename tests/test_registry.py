@@ -168,6 +168,7 @@ def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
     # 48 px: MobileNetV2 takes it, Xception (71 px at least) gets its own, larger input from the same images.
     result = train_and_evaluate(backbones=("mobilenet_v2", "xception"), epochs=1, image_size=48, seed=0)
 
+    # Different input sizes (48 vs 71 px): no ensemble, whose members must share one prepared input.
     assert set(result["models"]) == {"mobilenet_v2", "xception"}
     assert result["promoted"] and result["archived"] is None
     assert result["confound_audit"]["roc_auc"] is not None

@@ -3,6 +3,7 @@ augmentation, the backbones' set-up without ImageNet weights, and the robustness
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import warnings
@@ -125,68 +126,74 @@ def test_dataset_batches_shuffles_and_augments_within_range():
             assert abs(level - round(level)) < 0.3 and int(round(level)) % 2 == int(label)
 
 
-# ---------------------------------------------------------------- backbones without ImageNet weights
+def test_crop_training_takes_a_random_window_of_each_image_and_the_model_scores_whole_images(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, (12, 64, 64, 3)).astype(np.uint8)
+    labels = (np.arange(12) % 2).astype(np.float32)
+    windows = list(training.make_dataset(images, labels, batch_size=12, crop=32).as_numpy_iterator())[0][0]
+    assert windows.shape == (12, 32, 32, 3)
+    for window, source in zip(windows.astype(np.uint8), images):  # no shuffle: rows in order
+        found = [(top, left) for top in range(33) for left in range(33)
+                 if np.array_equal(source[top:top + 32, left:left + 32], window)]
+        assert len(found) == 1
+    # Each image draws its own window: twelve copies of one picture give different crops.
+    same = np.repeat(images[:1], 12, axis=0)
+    crops = list(training.make_dataset(same, labels, batch_size=12, crop=32).as_numpy_iterator())[0][0]
+    assert len({crop.tobytes() for crop in crops}) > 1
+
+    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=64), epochs=1,
+                                  batch_size=4, width_multiplier=0.35, crop_size=32)
+    fitted = training.train_backbone(images[:8], labels[:8], images[8:], labels[8:], config, tmp_path / "m")
+    model = training.load_model(fitted.path, fitted.sha256)
+    assert model.input_shape == (None, None, None, 3)  # fully convolutional: crops in training, whole images now
+    scores = training.predict_scores(model, images)
+    assert scores.shape == (12,) and np.isfinite(scores).all()
+    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters).crop_size == 32
+    with pytest.raises(ValueError, match="at least 32 px"):
+        training.train_backbone(images[:8], labels[:8], None, None,
+                                dataclasses.replace(config, crop_size=16), tmp_path / "small")
 
 
-def test_missing_imagenet_weights_warn_and_fall_back_to_random_initialisation(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    with pytest.warns(UserWarning, match="random initialisation"):
-        assert training.resolve_weights("xception", 96, "auto") is None
-    weights = tmp_path / "w"
-    weights.mkdir()
-    (weights / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"x")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert training.resolve_weights("xception", 96, "auto", weights) == str(
-            weights / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5")
-    assert training.resolve_weights("mobilenet_v2", 96, "none") is None
-    with pytest.raises(ValueError, match="unknown backbone"):
-        training.default_config("resnet")
-
-
-def test_random_init_lowers_batchnorm_momentum_and_precise_bn_matches_the_data():
+def test_the_test_time_flip_averages_each_image_with_its_mirror_image():
     import keras
 
-    model = training.build_model("mobilenet_v2", 32, None, bn_momentum=0.9, alpha=0.35)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert norms and all(layer.momentum == 0.9 for layer in norms)
-    assert model.output_shape == (None, 1)
-    first = norms[0]
-    images = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3)).astype(np.uint8)
-    training.recalibrate_batch_norm(model, images, batch_size=16)
-    # The first BN follows the first convolution: its moving mean is now that layer's mean activation.
-    probe = keras.Model(model.input, model.get_layer(first.name).input)
-    activations = np.asarray(probe(images.astype(np.float32)))
-    assert np.allclose(np.asarray(first.moving_mean), activations.mean(axis=(0, 1, 2)), atol=1e-2)
-    assert first.momentum == 0.9  # restored after recalibration
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3),
+                              keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")])
+    images = np.random.default_rng(4).integers(0, 255, (6, 16, 16, 3)).astype(np.uint8)
+    plain = training.predict_scores(model, images)
+    mirrored = training.predict_scores(model, images[:, :, ::-1].copy())
+    assert not np.allclose(plain, mirrored)  # a random network is not mirror-symmetric
+    assert np.allclose(training.predict_scores(model, images, flip=True), (plain + mirrored) / 2, atol=1e-6)
+    # Models registered before the flip existed keep being scored (and thresholded) without it.
+    assert training.TrainConfig.from_hyperparameters({"backbone": "xception"}).test_time_flip is False
+    assert training.TrainConfig().test_time_flip is True
 
 
-def test_learning_rate_warms_up_then_decays_along_a_cosine():
-    rates = [training.learning_rate_at(step, total=100, warmup=10, peak=1e-3) for step in range(101)]
-    assert rates[0] == pytest.approx(1e-4) and rates[10] == pytest.approx(1e-3)
-    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))  # warm-up rises
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # then only falls
-    assert rates[100] == pytest.approx(1e-5)  # to 1% of the peak
-
-
-def test_a_short_fit_saves_a_model_that_loads_in_safe_mode_and_refuses_a_changed_file(tmp_path):
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 255, (24, 32, 32, 3)).astype(np.uint8)
-    labels = (np.arange(24) % 2).astype(np.float32)
-    # Three epochs planned, but a budget already spent: the run stops after its first epoch.
-    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=32), epochs=3,
-                                  batch_size=8, width_multiplier=0.35, time_budget_s=0.001)
-    fitted = training.train_backbone(images[:16], labels[:16], images[16:], labels[16:], config, tmp_path / "m",
-                                     tensorboard_dir=tmp_path / "tb")
-    assert Path(fitted.path).name == "model.keras" and fitted.weights == "random" and fitted.epochs_run == 1
-    assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
-    model = training.load_model(fitted.path, fitted.sha256)
-    scores = training.predict_scores(model, images[:5])
-    assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
-    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters) == config
-    Path(fitted.path).write_bytes(Path(fitted.path).read_bytes() + b"tampered")
-    with pytest.raises(ValueError, match="sha256"):
-        training.load_model(fitted.path, fitted.sha256)
+def test_an_ensemble_is_the_mean_of_its_members_and_loads_in_safe_mode(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 255, (12, 71, 71, 3)).astype(np.uint8)
+    labels = (np.arange(12) % 2).astype(np.float32)
+    fitted = []
+    for backbone, extra in (("mobilenet_v2", {"width_multiplier": 0.35}), ("xception", {})):
+        config = training.TrainConfig(backbone=backbone, preprocess=PreprocessConfig(image_size=71), epochs=1,
+                                      batch_size=4, **extra)
+        fitted.append(training.train_backbone(images[:8], labels[:8], images[8:], labels[8:], config,
+                                              tmp_path / backbone))
+    combined = training.save_ensemble(fitted, tmp_path / "ensemble")
+    assert combined.backbone == "ensemble" and Path(combined.path).is_file()
+    assert [m["backbone"] for m in combined.hyperparameters["members"]] == ["mobilenet_v2", "xception"]
+    model = training.load_model(combined.path, combined.sha256)
+    assert training.ensemble_member_names(model) == ["mobilenet_v2", "xception"]
+    members = [training.predict_scores(training.load_model(f.path, f.sha256), images) for f in fitted]
+    assert np.allclose(training.predict_scores(model, images), np.mean(members, axis=0), atol=1e-5)
+    config = training.TrainConfig.from_hyperparameters(combined.hyperparameters)
+    assert config.preprocess == PreprocessConfig(image_size=71) and config.test_time_flip
+    # Members prepared differently cannot share one input: no ensemble.
+    other = training.TrainedModel(**{**fitted[1].__dict__, "hyperparameters": {
+        **fitted[1].hyperparameters, "preprocess": {**fitted[1].hyperparameters["preprocess"], "image_size": 96}}})
+    assert training.save_ensemble([fitted[0], other], tmp_path / "none") is None
+    assert training.save_ensemble(fitted[:1], tmp_path / "one") is None
 
 
 # ---------------------------------------------------------------- evaluation helpers
