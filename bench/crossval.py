@@ -36,6 +36,51 @@ def _release_memory() -> None:
     gc.collect()
 
 
+def report(record: dict, out: str | None) -> None:
+    """Print the table (with the ensemble row when several backbones ran) and write the JSON record."""
+    from facetrace.tasks.evaluation import binary_metrics
+
+    results, y = record["results"], np.array(record["labels"])
+    if len(results) > 1:
+        # The mean probability of every backbone (each with the test-time flip): the ensemble candidate.
+        both = np.mean([(np.array(r["scores"]) + np.array(r["mirrored_scores"])) / 2 for r in results.values()],
+                       axis=0)
+        done = ~np.isnan(both)
+        m = binary_metrics(y[done], both[done], 0.5)
+        record["ensemble"] = {k: m[k] for k in ("roc_auc", "tpr_at_5pct_fpr", "tpr_at_1pct_fpr")}
+    print(f"\nGrouped {record['folds']}-fold cross-validation on {record['images']} images "
+          f"({record['seconds']:.0f} s in all)\n")
+    print("| backbone | px | pooled ROC AUC | pooled TPR@5%FPR | pooled TPR@1%FPR | with test-time flip: ROC AUC "
+          "/ TPR@5%FPR | fold ROC AUC mean ± sd | fold acc. at val threshold | s per fit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for backbone, r in results.items():
+        print(f"| {backbone} | {r['config']['preprocess']['image_size']} | {r['pooled_roc_auc']:.3f} | "
+              f"{r['pooled_tpr_at_5pct_fpr']:.3f} | {r['pooled_tpr_at_1pct_fpr']:.3f} | "
+              f"{r['flip_roc_auc']:.3f} / {r['flip_tpr_at_5pct_fpr']:.3f} | "
+              f"{r['mean_roc_auc']:.3f} ± {r['sd_roc_auc']:.3f} | {r['mean_accuracy_at_threshold']:.3f} | "
+              f"{r['seconds_per_fit']:.0f} |")
+    if record.get("ensemble"):
+        e = record["ensemble"]
+        print(f"| ensemble (mean, with flip) | | | | | {e['roc_auc']:.3f} / {e['tpr_at_5pct_fpr']:.3f} "
+              f"(TPR@1% {e['tpr_at_1pct_fpr']:.3f}) | | | |")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=2, default=float))
+
+
+def combine(files: list[str], out: str | None) -> int:
+    """Merge records of runs over the same catalog, folds and seed (one backbone each) into one table."""
+    records = [json.loads(Path(f).read_text()) for f in files]
+    first = records[0]
+    for other in records[1:]:
+        if (other["sha256"], other["fold_of"]) != (first["sha256"], first["fold_of"]):
+            raise SystemExit("these runs did not use the same images and folds; they cannot be combined")
+    merged = {**{k: v for k, v in first.items() if k != "ensemble"}, "seconds": sum(r["seconds"] for r in records),
+              "results": {k: v for r in records for k, v in r["results"].items()}}
+    report(merged, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
@@ -63,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("FACETRACE_TRAIN_THREADS", "2")))
     parser.add_argument("--out", default=str(Path(__file__).with_name("out") / "crossval.json"))
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="no training: merge the records of earlier runs (same folds) into one table")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
 
     settings = get_settings()
     with session_scope(get_engine(settings.catalog_url)) as session:
@@ -148,35 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_fit": float(np.mean([f["seconds"] for f in per_fold])),
         }
     total = time.perf_counter() - started_all
-
-    if len(results) > 1:
-        # The mean probability of every backbone (with the test-time flip): what an ensemble would score.
-        both = np.mean([(np.array(r["scores"]) + np.array(r["mirrored_scores"])) / 2 for r in results.values()], axis=0)
-        done = ~np.isnan(both)
-        ensemble = binary_metrics(y[done], both[done], 0.5)
-        results_ensemble = {"roc_auc": ensemble["roc_auc"], "tpr_at_5pct_fpr": ensemble["tpr_at_5pct_fpr"],
-                            "tpr_at_1pct_fpr": ensemble["tpr_at_1pct_fpr"]}
-    else:
-        results_ensemble = None
-
-    print(f"\nGrouped {args.folds}-fold cross-validation on {len(items)} images ({total:.0f} s in all)\n")
-    print("| backbone | px | pooled ROC AUC | pooled TPR@5%FPR | pooled TPR@1%FPR | with test-time flip: ROC AUC "
-          "/ TPR@5%FPR | fold ROC AUC mean ± sd | fold acc. at val threshold | s per fit |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for backbone, r in results.items():
-        print(f"| {backbone} | {r['config']['preprocess']['image_size']} | {r['pooled_roc_auc']:.3f} | "
-              f"{r['pooled_tpr_at_5pct_fpr']:.3f} | {r['pooled_tpr_at_1pct_fpr']:.3f} | "
-              f"{r['flip_roc_auc']:.3f} / {r['flip_tpr_at_5pct_fpr']:.3f} | "
-              f"{r['mean_roc_auc']:.3f} ± {r['sd_roc_auc']:.3f} | {r['mean_accuracy_at_threshold']:.3f} | "
-              f"{r['seconds_per_fit']:.0f} |")
-    if results_ensemble:
-        print(f"| mean of all (with flip) | | {results_ensemble['roc_auc']:.3f} | "
-              f"{results_ensemble['tpr_at_5pct_fpr']:.3f} | {results_ensemble['tpr_at_1pct_fpr']:.3f} | | | | |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"folds": args.folds, "images": len(items), "seconds": total,
-                                          "sha256": [item.sha256 for item in items], "labels": y.tolist(),
-                                          "fold_of": folds.tolist(), "results": results,
-                                          "ensemble": results_ensemble}, indent=2, default=float))
+    record = {"folds": args.folds, "images": len(items), "seconds": total,
+              "sha256": [item.sha256 for item in items], "labels": y.tolist(), "fold_of": folds.tolist(),
+              "results": results}
+    report(record, args.out)
     return 0
 
 

@@ -170,6 +170,25 @@ def test_the_test_time_flip_averages_each_image_with_its_mirror_image():
     assert training.TrainConfig().test_time_flip is True
 
 
+def test_score_memo_runs_a_network_once_per_input_and_flip():
+    class Counting:
+        calls = 0
+
+        def predict(self, dataset, verbose=0):
+            Counting.calls += 1
+            return np.concatenate([x.numpy().mean(axis=(1, 2, 3)) / 255 for x, _ in dataset])[:, None]
+
+    memo, net = training.ScoreMemo(limit=2), Counting()
+    images = np.random.default_rng(0).integers(0, 255, (5, 8, 8, 3)).astype(np.uint8)
+    first = memo.scores(net, "sha-a", images)
+    assert np.array_equal(memo.scores(net, "sha-a", images.copy()), first) and Counting.calls == 1
+    memo.scores(net, "sha-a", images, flip=True)  # another question: computed (image and mirror image)
+    assert Counting.calls == 3
+    memo.scores(net, "sha-b", images)  # another model: computed; the oldest entry makes room
+    memo.scores(net, "sha-a", images)
+    assert Counting.calls == 5
+
+
 def test_an_ensemble_is_the_mean_of_its_members_and_loads_in_safe_mode(tmp_path):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 255, (12, 71, 71, 3)).astype(np.uint8)
