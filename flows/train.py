@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,14 +52,21 @@ def require_valid_catalog(catalog_url: str) -> None:
 # ---------------------------------------------------------------- the flow
 
 
-def fit_budget(total_s: float | None, fits: int, settings) -> float | None:
-    """Each fit's share of the run's wall-clock budget: fits running side by side share the window,
-    fits queued behind one another split it."""
+def fit_deadlines(backbones: tuple[str, ...], total_s: float | None, settings,
+                  start: float | None = None) -> dict[str, float | None]:
+    """Each fit's deadline (epoch seconds) within the run's wall-clock budget.
+
+    Fits run in waves of ``train_parallel``, in the order given; wave k must end by
+    ``start + total * (k + 1) / waves``. The deadlines are absolute, so a wave that finishes early
+    (a short schedule, early stopping) leaves its time to the next instead of losing it.
+    """
     total_s = settings.train_time_budget_s if total_s is None else total_s
     if not total_s or total_s <= 0:
-        return None
-    waves = -(-fits // max(1, settings.train_parallel))  # ceil: rounds of parallel fits
-    return total_s / max(1, waves)
+        return {b: None for b in backbones}
+    start = time.time() if start is None else start
+    parallel = max(1, settings.train_parallel)
+    waves = -(-len(backbones) // parallel)  # ceil: rounds of parallel fits
+    return {b: start + total_s * (i // parallel + 1) / waves for i, b in enumerate(backbones)}
 
 
 @task(name="build-ensemble", cache_policy=NO_CACHE)
@@ -94,7 +102,8 @@ def train_and_evaluate(
 
     ``epochs`` and ``image_size`` override each backbone's tuned defaults. ``time_budget_s`` is the
     wall-clock budget of all fits (default ``FACETRACE_TRAIN_TIME_BUDGET_S``; 0 = none): each fit fits its
-    learning-rate schedule to its share and stops in time, keeping its best weights.
+    learning-rate schedule to the time left before its deadline (:func:`fit_deadlines`) and stops in
+    time, keeping its best weights.
     """
     logger = get_run_logger()
     settings = get_settings()
@@ -106,8 +115,7 @@ def train_and_evaluate(
     if primary_metric not in registry.PRIMARY_METRICS:
         raise ValueError(f"primary metric must be one of {registry.PRIMARY_METRICS}, got {primary_metric!r}")
     backbones = tuple(backbones)
-    configs = {b: default_config(b, image_size=image_size, epochs=epochs, seed=seed,
-                                 time_budget_s=fit_budget(time_budget_s, len(backbones), settings))
+    configs = {b: default_config(b, image_size=image_size, epochs=epochs, seed=seed)
                for b in backbones}  # validates the names before any work
 
     require_valid_catalog(url)
@@ -124,8 +132,10 @@ def train_and_evaluate(
     tokens = {b: _run_token() for b in backbones}
     model_dirs = {b: data_dir / "models" / b / tokens[b] for b in backbones}
     report_dirs = {b: data_dir / "reports" / b / tokens[b] for b in backbones}
+    deadlines = fit_deadlines(backbones, time_budget_s, settings)
     futures = {b: fit_backbone.submit(split, configs[b], tensor_files[configs[b].preprocess], model_dirs[b],
-                                      report_dirs[b] / "tensorboard", settings.weights_dir, settings.train_threads)
+                                      report_dirs[b] / "tensorboard", settings.weights_dir, settings.train_threads,
+                                      deadlines[b])
                for b in backbones}
     confound = audit_confounds(split)
     trained = {b: future.result() for b, future in futures.items()}

@@ -258,3 +258,18 @@ def test_training_refuses_a_catalog_whose_latest_validation_failed_critically(pr
     assert "facetrace train:" in capsys.readouterr().err
     with session_scope(get_engine()) as session:
         assert session.query(Snapshot).count() == 0  # refused before anything was frozen or trained
+
+
+def test_fit_deadlines_split_the_budget_into_waves_and_pass_unused_time_on(monkeypatch):
+    from types import SimpleNamespace
+
+    from facetrace.flows.train import fit_deadlines
+
+    backbones = ("mobilenet_v2", "xception")
+    one_at_a_time = SimpleNamespace(train_time_budget_s=600.0, train_parallel=1)
+    # Absolute deadlines: the second fit may use whatever the first one left.
+    assert fit_deadlines(backbones, None, one_at_a_time, start=1000.0) == {"mobilenet_v2": 1300.0,
+                                                                           "xception": 1600.0}
+    side_by_side = SimpleNamespace(train_time_budget_s=600.0, train_parallel=2)
+    assert fit_deadlines(backbones, 300.0, side_by_side, start=0.0) == {"mobilenet_v2": 300.0, "xception": 300.0}
+    assert fit_deadlines(backbones, 0, one_at_a_time) == {"mobilenet_v2": None, "xception": None}
