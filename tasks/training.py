@@ -807,9 +807,6 @@ class ScoreMemo:
             self._scores.popitem(last=False)
         return result
 
-    def clear(self) -> None:
-        self._scores.clear()
-
 
 SCORES = ScoreMemo()
 
@@ -831,12 +828,6 @@ def build_ensemble(members: Sequence, image_size: int):
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     outputs = keras.layers.Average(name="prediction")([member(inputs) for member in members])
     return keras.Model(inputs, outputs, name="facetrace_ensemble")
-
-
-def ensemble_member_names(model) -> list[str]:
-    """The backbones inside an ensemble model (empty for a single backbone)."""
-    return [layer.name.removeprefix("facetrace_") for layer in model.layers
-            if layer.name.startswith("facetrace_") and hasattr(layer, "layers")]
 
 
 def save_ensemble(trained: Sequence[TrainedModel], out_dir: Path) -> TrainedModel | None:

@@ -203,7 +203,8 @@ def test_an_ensemble_is_the_mean_of_its_members_and_loads_in_safe_mode(tmp_path)
     assert combined.backbone == "ensemble" and Path(combined.path).is_file()
     assert [m["backbone"] for m in combined.hyperparameters["members"]] == ["mobilenet_v2", "xception"]
     model = training.load_model(combined.path, combined.sha256)
-    assert training.ensemble_member_names(model) == ["mobilenet_v2", "xception"]
+    nested = [layer.name for layer in model.layers if hasattr(layer, "layers")]
+    assert nested == ["facetrace_mobilenet_v2", "facetrace_xception"]  # the evaluation finds members by name
     members = [training.predict_scores(training.load_model(f.path, f.sha256), images) for f in fitted]
     assert np.allclose(training.predict_scores(model, images), np.mean(members, axis=0), atol=1e-5)
     config = training.TrainConfig.from_hyperparameters(combined.hyperparameters)
