@@ -154,6 +154,70 @@ def test_crop_training_takes_a_random_window_of_each_image_and_the_model_scores_
                                 dataclasses.replace(config, crop_size=16), tmp_path / "small")
 
 
+# ---------------------------------------------------------------- backbones without ImageNet weights
+
+
+def test_missing_imagenet_weights_warn_and_fall_back_to_random_initialisation(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.warns(UserWarning, match="random initialisation"):
+        assert training.resolve_weights("xception", 96, "auto") is None
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training.resolve_weights("xception", 96, "auto", weights) == str(
+            weights / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert training.resolve_weights("mobilenet_v2", 96, "none") is None
+    with pytest.raises(ValueError, match="unknown backbone"):
+        training.default_config("resnet")
+
+
+def test_random_init_lowers_batchnorm_momentum_and_precise_bn_matches_the_data():
+    import keras
+
+    model = training.build_model("mobilenet_v2", 32, None, bn_momentum=0.9, alpha=0.35)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.momentum == 0.9 for layer in norms)
+    assert model.output_shape == (None, 1)
+    first = norms[0]
+    images = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3)).astype(np.uint8)
+    training.recalibrate_batch_norm(model, images, batch_size=16)
+    # The first BN follows the first convolution: its moving mean is now that layer's mean activation.
+    probe = keras.Model(model.input, model.get_layer(first.name).input)
+    activations = np.asarray(probe(images.astype(np.float32)))
+    assert np.allclose(np.asarray(first.moving_mean), activations.mean(axis=(0, 1, 2)), atol=1e-2)
+    assert first.momentum == 0.9  # restored after recalibration
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine():
+    rates = [training.learning_rate_at(step, total=100, warmup=10, peak=1e-3) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-4) and rates[10] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))  # warm-up rises
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # then only falls
+    assert rates[100] == pytest.approx(1e-5)  # to 1% of the peak
+
+
+def test_a_short_fit_saves_a_model_that_loads_in_safe_mode_and_refuses_a_changed_file(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (24, 32, 32, 3)).astype(np.uint8)
+    labels = (np.arange(24) % 2).astype(np.float32)
+    # Three epochs planned, but a budget already spent: the run stops after its first epoch.
+    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=32), epochs=3,
+                                  batch_size=8, width_multiplier=0.35, time_budget_s=0.001)
+    fitted = training.train_backbone(images[:16], labels[:16], images[16:], labels[16:], config, tmp_path / "m",
+                                     tensorboard_dir=tmp_path / "tb")
+    assert Path(fitted.path).name == "model.keras" and fitted.weights == "random" and fitted.epochs_run == 1
+    assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
+    model = training.load_model(fitted.path, fitted.sha256)
+    scores = training.predict_scores(model, images[:5])
+    assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
+    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters) == config
+    Path(fitted.path).write_bytes(Path(fitted.path).read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        training.load_model(fitted.path, fitted.sha256)
+
+
 def test_the_test_time_flip_averages_each_image_with_its_mirror_image():
     import keras
 
