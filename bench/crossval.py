@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (large: train to the end)")
     parser.add_argument("--crop", type=int, help="train on random crops of this size (score whole images)")
     parser.add_argument("--reencode-size", type=int, help="re-encode at this size, then resize to --image-size")
+    parser.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"),
+                        help="compute precision of the fits (default: the settings' train_precision)")
     parser.add_argument("--time-budget", type=float, help="seconds per fit")
     parser.add_argument("--no-format-neutral", action="store_true")
     parser.add_argument("--no-augment", action="store_true")
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             config = replace(config, width_multiplier=args.width)
         if args.time_budget:
             config = replace(config, time_budget_s=args.time_budget)
+        if args.precision:
+            config = replace(config, precision=args.precision)
         if args.patience:
             config = replace(config, patience=args.patience)
         if args.crop:
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 format_neutral=not args.no_format_neutral))
         if args.no_augment:
             config = replace(config, augment=training.AugmentConfig(False, 0, 0, 0, (60, 95), 0, 0))
+        config = replace(config, precision=training.resolve_precision(config.precision, backbone))
         key = config.preprocess.key()
         tensors = training.cached_tensors(
             paths, [item.sha256 for item in items], config.preprocess,

@@ -270,7 +270,8 @@ def grad_cam(model, images: np.ndarray, layer_name: str) -> np.ndarray:
     kernel, bias = (tf.convert_to_tensor(w) for w in head.get_weights())
     x = tf.convert_to_tensor(np.asarray(images, np.float32))
     with tf.GradientTape() as tape:
-        features = features_model(x, training=False)
+        # float32 whatever the model computes in (a mixed-precision model gives bfloat16 maps).
+        features = tf.cast(features_model(x, training=False), tf.float32)
         tape.watch(features)
         logit = tf.matmul(tf.reduce_mean(features, axis=(1, 2)), kernel)[:, 0] + bias[0]
         evidence = tf.where(logit >= 0, logit, -logit)  # the predicted class's logit

@@ -219,7 +219,8 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
          f"(members: {', '.join(str(m.get('path', '?')) for m in members)}); "
          f"{training.get('seconds', 0):.0f} s of training in all" if members else
          f"- trained {training.get('epochs_run')} epochs (best {training.get('best_epoch')}) in "
-         f"{training.get('seconds', 0):.0f} s; hyper-parameters in the catalog (`models.hyperparameters`)"),
+         f"{training.get('seconds', 0):.0f} s ({hyperparameters.get('precision', 'float32')} compute); "
+         "hyper-parameters in the catalog (`models.hyperparameters`)"),
         f"- test-time flip: {'on (each image scored with its mirror image)' if hyperparameters.get('test_time_flip') else 'off'}",
         f"- decision threshold {threshold:.4f}, chosen on the validation split for a false-positive rate "
         f"of at most {target_fpr:.0%}; output is P(synthetic)",

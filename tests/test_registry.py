@@ -121,7 +121,8 @@ def test_model_card_names_data_metrics_and_the_confound_warning():
         backbone="xception", version=3, stage="candidate", sha256="b" * 64, path="/x/model.keras",
         snapshot={"id": 7, "image_count": 10, "counts": {"train": {"real": 3, "synthetic": 4}},
                   "sources": [{"source": "folder:/f", "label": "real", "images": 3, "provenance": "n/a 3"}]},
-        hyperparameters={"preprocess": {"image_size": 96, "format_neutral": True, "jpeg_quality": 90}},
+        hyperparameters={"preprocess": {"image_size": 96, "format_neutral": True, "jpeg_quality": 90},
+                         "precision": "mixed_bfloat16"},
         metrics={"test": {"roc_auc": 0.97, "n": 4, "confusion": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}},
                  "confound_audit": {"roc_auc": 0.99, "warning": True, "classifier": "gb", "features": ["format"]},
                  "robustness": [{"variant": "jpeg50", "n": 4, "roc_auc": 0.9, "accuracy": 0.75,
@@ -129,7 +130,7 @@ def test_model_card_names_data_metrics_and_the_confound_warning():
                  "training": {"weights": "random", "epochs_run": 1, "best_epoch": 1, "seconds": 3.0}},
         threshold=0.42, target_fpr=0.05)
     assert "snapshot 7" in card and "0.9700" in card and "jpeg50" in card and "0.4200" in card
-    assert "Warning: confound" in card and "Known limits" in card
+    assert "Warning: confound" in card and "Known limits" in card and "mixed_bfloat16 compute" in card
 
 
 # ---------------------------------------------------------------- the whole path on tiny data
@@ -192,6 +193,8 @@ def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
             assert Path(row.metrics["reports"][name]).is_file()
         card = Path(row.model_card).read_text()
         assert backbone in card and "Confound audit" in card
+        assert row.hyperparameters["precision"] in ("float32", "mixed_bfloat16")  # "auto" resolved, as trained
+        assert f"{row.hyperparameters['precision']} compute" in card
         assert Path(row.model_card).parent == path.parent
 
     capsys.readouterr()

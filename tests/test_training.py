@@ -212,10 +212,65 @@ def test_a_short_fit_saves_a_model_that_loads_in_safe_mode_and_refuses_a_changed
     model = training.load_model(fitted.path, fitted.sha256)
     scores = training.predict_scores(model, images[:5])
     assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
-    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters) == config
+    # Stored as trained: "auto" precision resolved (MobileNetV2 gains nothing from bfloat16).
+    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters) == dataclasses.replace(
+        config, precision="float32")
     Path(fitted.path).write_bytes(Path(fitted.path).read_bytes() + b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         training.load_model(fitted.path, fitted.sha256)
+
+
+def test_auto_precision_takes_bfloat16_only_for_a_backbone_that_gains_on_a_cpu_that_has_it(tmp_path):
+    with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 fma\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f fma\n")
+    assert training.cpu_has_bfloat16(with_bf16) and not training.cpu_has_bfloat16(without)
+    assert not training.cpu_has_bfloat16(tmp_path / "absent")
+    assert training.resolve_precision("auto", "xception", native_bfloat16=True) == "mixed_bfloat16"
+    assert training.resolve_precision("auto", "xception", native_bfloat16=False) == "float32"
+    assert training.resolve_precision("auto", "mobilenet_v2", native_bfloat16=True) == "float32"
+    assert training.resolve_precision("mixed_bfloat16", "mobilenet_v2") == "mixed_bfloat16"
+    with pytest.raises(ValueError, match="precision"):
+        training.resolve_precision("float16", "xception")
+    # Models registered before the setting existed were trained in float32.
+    assert training.TrainConfig.from_hyperparameters({"backbone": "xception"}).precision == "float32"
+
+
+def test_a_bfloat16_model_keeps_float32_weights_and_output_and_loads_in_safe_mode(tmp_path):
+    import threading
+
+    import keras
+
+    from facetrace.tasks.evaluation import grad_cam
+
+    images = np.random.default_rng(5).integers(0, 255, (16, 32, 32, 3)).astype(np.uint8)
+    labels = (np.arange(16) % 2).astype(np.float32)
+    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=32), epochs=1,
+                                  batch_size=8, width_multiplier=0.35, precision="mixed_bfloat16")
+    built: dict[str, str] = {}
+
+    def fit() -> None:  # in a thread, as the flow's fits run: the policy must not leak to other threads
+        built["fitted"] = training.train_backbone(images[:12], labels[:12], images[12:], labels[12:], config,
+                                                  tmp_path / "m")
+        built["policy_in_thread"] = keras.config.dtype_policy().name
+
+    before = keras.config.dtype_policy().name
+    worker = threading.Thread(target=fit)
+    worker.start()
+    worker.join()
+    assert before == "float32" and keras.config.dtype_policy().name == "float32"
+    assert built["policy_in_thread"] == "float32"  # restored after the build
+    fitted = built["fitted"]
+    assert fitted.hyperparameters["precision"] == "mixed_bfloat16"
+    model = training.load_model(fitted.path, fitted.sha256)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
+    assert all(w.dtype == "float32" for w in model.trainable_weights)  # mixed: float32 weights
+    assert model.get_layer("prediction").compute_dtype == "float32"
+    scores = training.predict_scores(model, images[:4], flip=True)
+    assert scores.dtype == np.float32 and ((0 <= scores) & (scores <= 1)).all()
+    heat = grad_cam(model, images[:2], "out_relu")
+    assert heat.shape[0] == 2 and heat.dtype.kind == "f" and 0 <= heat.min() and heat.max() <= 1
 
 
 def test_the_test_time_flip_averages_each_image_with_its_mirror_image():
