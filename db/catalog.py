@@ -8,9 +8,9 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -119,25 +119,44 @@ class RejectedFile:
     size: int | None = None
 
 
-def known_images(session: Session, sha256s: Iterable[str]) -> dict[str, tuple[int, str]]:
-    """{sha256: (image id, stored path)} for the digests the catalog already holds (a query per 500)."""
+class KnownImage(NamedTuple):
+    id: int
+    path: str
+    label: str
+
+
+def known_images(session: Session, sha256s: Iterable[str]) -> dict[str, KnownImage]:
+    """{sha256: (image id, stored path, label)} for the digests the catalog already holds (a query per 500)."""
     wanted, found = sorted(set(sha256s)), {}
     for start in range(0, len(wanted), 500):
         chunk = wanted[start:start + 500]
-        rows = session.execute(select(Image.sha256, Image.id, Image.path).where(Image.sha256.in_(chunk)))
-        found.update({sha: (image_id, path) for sha, image_id, path in rows})
+        rows = session.execute(select(Image.sha256, Image.id, Image.path, Image.label).where(Image.sha256.in_(chunk)))
+        found.update({sha: KnownImage(image_id, path, label) for sha, image_id, path, label in rows})
     return found
+
+
+def quarantine_images(session: Session, sha256s: Iterable[str]) -> int:
+    """Take images out of use (status quarantined: no snapshot includes them); returns how many changed."""
+    wanted, changed = sorted(set(sha256s)), 0
+    for start in range(0, len(wanted), 500):
+        result = session.execute(update(Image).where(Image.sha256.in_(wanted[start:start + 500]),
+                                                     Image.status != "quarantined").values(status="quarantined"))
+        changed += result.rowcount or 0
+    return changed
 
 
 def add_images(
     session: Session, source_id: int, images: Sequence[AcceptedImage], flow_run_id: str | None = None,
     *, already: Sequence[tuple[str, int]] = (),
-) -> tuple[list[int], int]:
-    """Catalogue a batch of stored images, with a sighting for every name; returns (new ids, duplicates).
+) -> tuple[list[int], int, list[AcceptedImage]]:
+    """Catalogue a batch of stored images, with a sighting for every name.
 
-    ``already`` holds (original name, image id) for files whose content the catalog already had:
-    only their sightings are new. One statement per table, not per image, and rows go in sha256 and
-    name order, so concurrent writers on PostgreSQL take row locks in the same order (no deadlock).
+    Returns (new ids, duplicates, conflicts): conflicts are images whose content another writer
+    catalogued under the other label between the caller's look-up and this insert; they get no
+    sighting (the caller records them as rejections). ``already`` holds (original name, image id) for
+    files whose content the catalog already had: only their sightings are new. One statement per
+    table, not per image, and rows go in sha256 and name order, so concurrent writers on PostgreSQL
+    take row locks in the same order (no deadlock).
     """
     first: dict[str, AcceptedImage] = {}
     for image in sorted(images, key=lambda i: i.record.sha256):
@@ -148,7 +167,15 @@ def add_images(
         stmt = (_insert(session, Image).on_conflict_do_nothing(index_elements=["sha256"])
                 .returning(Image.sha256, Image.id))
         new_ids = dict(session.execute(stmt, rows).tuples().all())
-    ids = {sha: image_id for sha, (image_id, _) in known_images(session, set(first) - set(new_ids)).items()}
+    existing = known_images(session, set(first) - set(new_ids))
+
+    def conflicting(image: AcceptedImage) -> bool:
+        known = existing.get(image.record.sha256)
+        return known is not None and known.label != image.label
+
+    conflicts = [image for image in images if conflicting(image)]
+    images = [image for image in images if not conflicting(image)]
+    ids = {sha: known.id for sha, known in existing.items()}
     ids.update(new_ids)
     sightings = sorted({(image.original_name, ids[image.record.sha256]) for image in images} | set(already))
     if sightings:
@@ -163,7 +190,7 @@ def add_images(
             session.execute(delete(Rejection).where(Rejection.source_id == source_id,
                                                     Rejection.original_name.in_(names[start:start + 500])))
     duplicates = len(images) + len(already) - len(new_ids)
-    return sorted(new_ids.values()), duplicates
+    return sorted(new_ids.values()), duplicates, conflicts
 
 
 def _image_row(source_id: int, image: AcceptedImage, flow_run_id: str | None) -> dict[str, Any]:

@@ -31,11 +31,13 @@ from sqlalchemy.orm import Session
 from facetrace.db.catalog import (
     AcceptedImage,
     BatchCounts,
+    KnownImage,
     RejectedFile,
     add_images,
     add_rejections,
     import_prompt,
     known_images,
+    quarantine_images,
 )
 from facetrace.db.engine import get_engine, session_scope
 from facetrace.tasks.storage import (
@@ -405,7 +407,7 @@ def provenance_of(candidate: Candidate) -> str | None:
     return "partial" if candidate.prompt else "none"
 
 
-def _catalogued(db_url: str, sha256s: list[str]) -> dict[str, tuple[int, str]]:
+def _catalogued(db_url: str, sha256s: list[str]) -> dict[str, KnownImage]:
     """Digests the catalog already holds; a short read of its own, outside the batch's write."""
     if not sha256s:
         return {}
@@ -435,9 +437,20 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
     already: list[tuple[str, int]] = []
     accepted: list[AcceptedImage] = []
     outcome: dict[str, AcceptedImage | Quarantine] = {}  # one decode per content within the batch
+    # Content seen under both labels (here, or here and in the catalog): its label cannot be trusted,
+    # so the conflicting name is a rejection and the image is quarantined (out of every snapshot).
+    first_label: dict[str, tuple[str, str]] = {sha: (image.label, f"image {image.id}") for sha, image in known.items()}
+    conflicted: set[str] = set()
     for candidate, data, sha in readable:
+        label, where = first_label.setdefault(sha, (candidate.label, candidate.name))
+        if candidate.label != label:
+            refused.append(RejectedFile(
+                candidate.name, "label_conflict", f"labelled {candidate.label} here, {label} as {where}: neither "
+                "label is trusted; the image is quarantined and left out of training", sha256=sha, size=len(data)))
+            conflicted.add(sha)
+            continue
         if sha in known:
-            image_id, stored = known[sha]
+            image_id, stored = known[sha].id, known[sha].path
             if not (Path(data_root) / stored).is_file():  # a lost file is restored from its source
                 write_atomically(Path(data_root) / stored, data, durable=True)
             already.append((candidate.name, image_id))
@@ -464,7 +477,14 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
         for image in accepted:
             if image.original_name in prompts:
                 image.prompt_id = prompt_ids[prompts[image.original_name]]
-        new_ids, duplicates = add_images(session, source_id, accepted, flow_run_id, already=already)
+        new_ids, duplicates, late = add_images(session, source_id, accepted, flow_run_id, already=already)
+        for image in late:  # catalogued under the other label by a concurrent batch since the look-up
+            refused.append(RejectedFile(image.original_name, "label_conflict",
+                                        f"labelled {image.label} here, the other label in the catalog: neither "
+                                        "label is trusted; the image is quarantined and left out of training",
+                                        sha256=image.record.sha256, size=image.record.bytes))
+            conflicted.add(image.record.sha256)
         add_rejections(session, source_id, refused, flow_run_id)
+        quarantine_images(session, conflicted)
     return BatchCounts(seen=len(candidates), new=len(new_ids), duplicate=duplicates,
                        rejected=Counter(r.reason for r in refused), new_image_ids=new_ids)

@@ -46,6 +46,7 @@ REASONS = {
     "unknown_label": "label neither given nor implied by the folder layout",
     "unreadable": "file could not be read",
     "unconvertible": "decoded, but could not be converted to upright RGB",
+    "label_conflict": "the same content arrived labelled real and synthetic; neither label is trusted",
 }
 
 

@@ -110,3 +110,31 @@ def test_one_row_per_content_and_sources_must_exist(engine):
             session.add(_image(source_id + 999, sha="b" * 64))  # foreign key
     with session_scope(engine) as session:
         assert session.scalars(select(Image.sha256)).all() == ["a" * 64]
+
+
+def test_content_catalogued_under_the_other_label_meanwhile_comes_back_as_a_conflict(engine):
+    """Two batches racing with the same bytes under different labels: the loser learns of it from
+    add_images (no sighting under the wrong label), and quarantine takes the image out of use once."""
+    from facetrace.db.catalog import AcceptedImage, add_images, quarantine_images
+    from facetrace.db.models import Sighting
+    from facetrace.tasks.storage import ImageRecord
+
+    def accepted(sha: str, label: str, name: str) -> AcceptedImage:
+        record = ImageRecord(sha256=sha, format="PNG", mode="RGB", width=10, height=10, bytes=100, phash="0" * 16,
+                             exif_orientation=None, frames=1)
+        return AcceptedImage(original_name=name, label=label, path=f"images/{sha[:2]}/{sha}.png", record=record)
+
+    upgrade(engine)
+    with session_scope(engine) as session:
+        source_id = _source(session)
+        session.add(_image(source_id))  # "a" * 64, real: the other writer's row
+    with session_scope(engine) as session:
+        new_ids, duplicates, conflicts = add_images(
+            session, source_id, [accepted("a" * 64, "synthetic", "AI/a.png"), accepted("b" * 64, "synthetic", "AI/b.png")])
+        assert len(new_ids) == 1 and duplicates == 0
+        assert [(c.original_name, c.label) for c in conflicts] == [("AI/a.png", "synthetic")]
+        assert session.scalars(select(Sighting.original_name)).all() == ["AI/b.png"]
+        assert quarantine_images(session, ["a" * 64]) == 1 and quarantine_images(session, ["a" * 64]) == 0
+    with session_scope(engine) as session:
+        assert dict(session.execute(select(Image.sha256, Image.status)).tuples().all()) == {
+            "a" * 64: "quarantined", "b" * 64: "ok"}

@@ -169,3 +169,44 @@ def test_the_stored_perceptual_hash_is_imagehash_phash_bit_for_bit(tmp_path):
             images.append(to_rgb(image))
     for image in images:
         assert perceptual_hash(image) == str(imagehash.phash(image))
+
+
+def test_the_same_content_under_both_labels_is_quarantined_with_its_reason(prefect_harness, settings_env, tmp_path):
+    """Bytes filed under Real/ and AI/ (in one run, or in a later one) cannot keep either label: the
+    conflicting name is a rejection with its reason and the image leaves every snapshot."""
+    from facetrace.flows.ingest import ingest_faces
+    from facetrace.tasks.splits import load_split_items
+
+    one_run, later = tmp_path / "one_run", tmp_path / "later"
+    shared_now, shared_later = encode(noise_image(101), "PNG"), encode(noise_image(102), "JPEG", quality=90)
+    for folder, name, data in ((one_run / "Real", "a.png", shared_now), (one_run / "AI", "a-copy.png", shared_now),
+                               (one_run / "Real", "b.jpg", shared_later), (one_run / "AI", "c.png",
+                                                                          encode(noise_image(103), "PNG")),
+                               (later / "AI", "b-again.jpg", shared_later), (later / "Real", "b.jpg", shared_later)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+    first = ingest_faces(kind="folder", path=str(one_run))
+    assert (first["seen"], first["new"], first["duplicate"], first["quarantined"]) == (4, 3, 0, 1)
+    assert first["quarantined_by_reason"] == {"label_conflict": 1}
+    second = ingest_faces(kind="folder", path=str(later))
+    # b.jpg again under Real/ is a plain duplicate; under AI/ it conflicts with the catalogued real copy.
+    assert (second["seen"], second["new"], second["duplicate"], second["quarantined"]) == (2, 0, 1, 1)
+    rerun = ingest_faces(kind="folder", path=str(one_run))  # idempotent: nothing new, the same refusal
+    assert (rerun["new"], rerun["quarantined"]) == (0, 1)
+
+    with session_scope(get_engine(settings_env.catalog_url)) as session:
+        rejections = {r.original_name.rsplit("/", 1)[-1]: r for r in session.scalars(select(Rejection))}
+        assert {r.reason for r in rejections.values()} == {"label_conflict"}
+        assert "labelled synthetic here, real as image" in rejections.pop("b-again.jpg").detail
+        # Of the pair in one run, the first listed keeps the row (with its label), the other is refused.
+        (refused_name, refused), = rejections.items()
+        kept_name, kept_label = {"a.png": ("a-copy.png", "synthetic"), "a-copy.png": ("a.png", "real")}[refused_name]
+        other_label = {"real": "synthetic", "synthetic": "real"}[kept_label]
+        assert f"labelled {other_label} here, {kept_label} as " in refused.detail and refused.sha256
+        status = {image.original_name.rsplit("/", 1)[-1]: (image.label, image.status)
+                  for image in session.scalars(select(Image))}
+        assert status == {kept_name: (kept_label, "quarantined"), "b.jpg": ("real", "quarantined"),
+                          "c.png": ("synthetic", "ok")}
+        usable, _ = load_split_items(session)
+        assert [item.label for item in usable] == ["synthetic"]
