@@ -405,25 +405,33 @@ def make_augmenter(config: AugmentConfig, size: int, seed: int):
             batch = tf.map_fn(lambda pair: tf.cond(pair[1], lambda: random_jpeg(pair[0]), lambda: pair[0]),
                               (batch, pick), fn_output_signature=tf.uint8)
         x = tf.cast(batch, tf.float32)
-        if config.flip:
+        if config.rotation_degrees or config.zoom:
+            # The mirror image, when drawn, is part of the same resampling (one pass over the pixels).
+            x = _random_affine(x, generator, config.rotation_degrees, config.zoom, size, flip=config.flip)
+        elif config.flip:
             flip = generator.uniform((batch_size, 1, 1, 1)) < 0.5
             x = tf.where(flip, tf.reverse(x, axis=[2]), x)
-        if config.rotation_degrees or config.zoom:
-            x = _random_affine(x, generator, config.rotation_degrees, config.zoom, size)
         if config.blur_probability > 0:
+            # Blur only the images drawn for it, not the whole batch.
             sigma = generator.uniform((), 0.3, max(0.31, config.blur_sigma))
-            blurred = tf.nn.depthwise_conv2d(
-                tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC"), gaussian_kernel(sigma),
-                strides=[1, 1, 1, 1], padding="VALID")
-            pick = generator.uniform((batch_size, 1, 1, 1)) < config.blur_probability
-            x = tf.where(pick, blurred, x)
+            picked = tf.where(generator.uniform((batch_size,)) < config.blur_probability)
+
+            def blur(x=x):
+                blurred = tf.nn.depthwise_conv2d(
+                    tf.pad(tf.gather_nd(x, picked), [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC"),
+                    gaussian_kernel(sigma), strides=[1, 1, 1, 1], padding="VALID")
+                return tf.tensor_scatter_nd_update(x, picked, blurred)
+
+            # (a convolution of an empty batch returns the padded shape: none drawn, nothing to do)
+            x = tf.cond(tf.shape(picked)[0] > 0, blur, lambda x=x: x)
         return tf.clip_by_value(x, 0.0, 255.0)
 
     return augment
 
 
-def _random_affine(x, generator, degrees: float, zoom: float, size: int):
-    """Per-image small rotation and zoom-in (a random crop resized back); corners take the nearest edge."""
+def _random_affine(x, generator, degrees: float, zoom: float, size: int, *, flip: bool = False):
+    """Per-image small rotation and zoom-in (a random crop resized back), and with ``flip`` a left-right
+    mirror image for half of them, in one resampling; corners take the nearest edge."""
     import tensorflow as tf
 
     batch_size = tf.shape(x)[0]
@@ -437,6 +445,10 @@ def _random_affine(x, generator, degrees: float, zoom: float, size: int):
     b0, b1 = sin, cos
     a2 = centre - a0 * centre - a1 * centre + shift[:, 0]
     b2 = centre - b0 * centre - b1 * centre + shift[:, 1]
+    if flip:  # sample the mirror image: input column u becomes (size - 1) - u
+        mirrored = generator.uniform((batch_size,)) < 0.5
+        a0, a1, a2 = (tf.where(mirrored, -a0, a0), tf.where(mirrored, -a1, a1),
+                      tf.where(mirrored, 2.0 * centre - a2, a2))
     zeros = tf.zeros_like(a0)
     transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
     return tf.raw_ops.ImageProjectiveTransformV3(

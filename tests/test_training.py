@@ -126,6 +126,29 @@ def test_dataset_batches_shuffles_and_augments_within_range():
             assert abs(level - round(level)) < 0.3 and int(round(level)) % 2 == int(label)
 
 
+def test_the_flip_drawn_inside_the_affine_resampling_is_the_exact_mirror_image():
+    import tensorflow as tf
+
+    images = np.random.default_rng(3).integers(0, 255, (16, 12, 12, 3)).astype(np.float32)
+    generator = tf.random.Generator.from_seed(0)
+    # No rotation, no zoom: each output is the image itself or its mirror image, pixel for pixel.
+    out = training._random_affine(tf.constant(images), generator, 0.0, 0.0, 12, flip=True).numpy()
+    mirrored = [np.allclose(o, i[:, ::-1], atol=1e-3) for o, i in zip(out, images)]
+    same = [np.allclose(o, i, atol=1e-3) for o, i in zip(out, images)]
+    assert all(m != s for m, s in zip(mirrored, same))  # exactly one of the two, for every image
+    assert 0 < sum(mirrored) < len(images)  # both drawn
+
+
+def test_blur_changes_only_the_images_drawn_for_it():
+    images = np.random.default_rng(4).integers(0, 255, (32, 16, 16, 3)).astype(np.uint8)
+    augment = training.make_augmenter(training.AugmentConfig(False, 0, 0, 0, (60, 95), 0.5, 1.0), 16, seed=1)
+    out = augment(images).numpy()
+    untouched = [np.array_equal(o, i.astype(np.float32)) for o, i in zip(out, images)]
+    assert 0 < sum(untouched) < len(images)
+    blurred = [o for o, same in zip(out, untouched) if not same]
+    assert all(o.std() < i.std() for o, i, same in zip(out, images, untouched) if not same) and blurred
+
+
 def test_crop_training_takes_a_random_window_of_each_image_and_the_model_scores_whole_images(tmp_path):
     rng = np.random.default_rng(3)
     images = rng.integers(0, 255, (12, 64, 64, 3)).astype(np.uint8)
