@@ -5,6 +5,8 @@
   ``keras.utils.image_dataset_from_directory`` (decodes and resizes every file every epoch) followed by
   the same augmentation, on the same files at the same size. Target: at least 3x. A second row
   compares both without augmentation.
+- training precision: Xception training images/s per epoch (after the first) in Keras'
+  ``mixed_bfloat16`` vs float32, on the same tensors; what ``FACETRACE_TRAIN_PRECISION=auto`` relies on.
 - prediction: images/s of ``predict_files`` (batched, the `facetrace predict` path) vs the same
   files predicted one call per image.
 """
@@ -58,6 +60,24 @@ def images_per_second(dataset, count: int, epochs: int) -> list[float]:
     return rates
 
 
+def training_rate(tensors: np.ndarray, labels: np.ndarray, backbone: str, precision: str, epochs: int = 4) -> float:
+    """Training images/s of one backbone at one precision, epochs after the first (graph tracing)."""
+    from facetrace.tasks import training
+
+    config = training.TrainConfig(backbone=backbone, precision=precision)
+    model = training.build_model(backbone, tensors.shape[1], None, precision=precision)
+    training._compile(model, config, 1e-3)
+    dataset = training.make_dataset(tensors, labels, batch_size=32, shuffle=True, augment=config.augment,
+                                    drop_remainder=True)
+    seen = (len(tensors) // 32) * 32
+    rates = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        model.fit(dataset, epochs=1, verbose=0)
+        rates.append(seen / (time.perf_counter() - started))
+    return float(np.mean(rates[1:]))
+
+
 def rows(workdir: Path) -> list[dict]:
     from facetrace.tasks import training
 
@@ -98,6 +118,11 @@ def rows(workdir: Path) -> list[dict]:
     print(f"  project pipeline: first epoch (decode + cache) {first_epoch:.0f} images/s; "
           f"Keras baseline epochs {', '.join(f'{r:.0f}' for r in theirs)} images/s", file=sys.stderr)
 
+    # Training precision: bfloat16 vs float32 compute for Xception on the same tensors.
+    float32_rate = training_rate(tensors, labels, "xception", "float32")
+    bfloat16_rate = training_rate(tensors, labels, "xception", "mixed_bfloat16")
+    native = "yes" if training.cpu_has_bfloat16() else "no"
+
     # Prediction: batched files -> probabilities, vs one model call per file.
     model = training.build_model("mobilenet_v2", IMAGE_SIZE, None)
     sample = paths[:: max(1, count // 64)][:64]
@@ -118,6 +143,10 @@ def rows(workdir: Path) -> list[dict]:
          "ratio": ours_steady / theirs_augmented_steady, "target": 3.0},
         {"name": "training input pipeline without augmentation (cached tensors), vs image_dataset_from_directory",
          "value": plain_steady, "unit": "images/s", "baseline": theirs_steady, "ratio": plain_steady / theirs_steady,
+         "target": None},
+        {"name": f"Xception training, images/s per epoch after the first, mixed_bfloat16 vs float32 "
+                 f"({IMAGE_SIZE} px; CPU with native bfloat16: {native})",
+         "value": bfloat16_rate, "unit": "images/s", "baseline": float32_rate, "ratio": bfloat16_rate / float32_rate,
          "target": None},
         {"name": "predict throughput, batched files (vs one call per image)", "value": batched, "unit": "images/s",
          "baseline": single, "ratio": batched / single, "target": None},
