@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     # same 660 s than one after the other (measured on 840 images: MobileNetV2 18 vs 19 epochs,
     # Xception 7 vs 4): one fit alone leaves part of the CPU idle (input pipeline, callbacks).
     train_parallel: int = 2
-    # Compute precision of the fits: auto (bfloat16 for Xception on a CPU with native bfloat16: 1.7x
-    # faster per epoch here), float32, or mixed_bfloat16 for every backbone.
+    # Compute precision of the fits: auto (bfloat16 for Xception on a CPU with native bfloat16: 1.15x
+    # to 1.7x faster per epoch here, see `make bench`), float32, or mixed_bfloat16 for every backbone.
     train_precision: Literal["auto", "float32", "mixed_bfloat16"] = "auto"
     train_ensemble: bool = True  # the backbones' mean is a candidate too (when they share an input size)
     # Wall-clock seconds for all fits of one run (schedules adapt to it). 600 s of fits kept a whole

@@ -129,8 +129,8 @@ class BackboneSpec:
     last_conv: str  # the layer Grad-CAM explains
     weight_file: str  # the no-top ImageNet file name Keras caches (may contain {size} / {alpha})
     default_epochs: int = 30
-    # Whether bfloat16 compute pays on a CPU with native bfloat16 (measured at 96 px on 2 cores, an
-    # epoch of 320 images: Xception 10.3 s -> 5.9 s; MobileNetV2's depthwise layers 2.5 s either way).
+    # Whether bfloat16 compute pays on a CPU with native bfloat16 (measured at 96 px on 2 cores:
+    # Xception epochs 1.15x to 1.7x faster, `make bench`; MobileNetV2's depthwise layers: no gain).
     bfloat16_gain: bool = False
 
 
