@@ -6,6 +6,11 @@ A read-only transaction is only as strong as its first statement: PostgreSQL let
 several statements travel in one simple-protocol message. So a query runs as exactly one statement:
 on PostgreSQL as a prepared statement (the server refuses several commands in one), on SQLite
 through ``sqlite3``, which runs one statement per call; and the connection is discarded afterwards.
+
+A read-only transaction still lets a PostgreSQL superuser read server files (``pg_read_file``) or
+run programs (``COPY ... TO PROGRAM``). Connected as a superuser, the query therefore runs under the
+built-in role ``pg_read_all_data`` (``SET LOCAL ROLE``; PostgreSQL 14+): it reads every table and
+view and nothing else. Its one statement cannot undo that and then act on it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,18 @@ def _is_write_refusal(message: str) -> bool:
                                             "authorization denied"))
 
 
+def _drop_superuser_powers(cursor) -> None:
+    cursor.execute("SHOW is_superuser")
+    if cursor.fetchone()[0] != "on":
+        return  # an ordinary role: its own privileges are the limit
+    cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = 'pg_read_all_data'")
+    if cursor.fetchone() is None:
+        raise ReadOnlyViolation("refused: connected as a PostgreSQL superuser to a server without the "
+                                "pg_read_all_data role (PostgreSQL < 14); use a catalog URL whose role "
+                                "may only read")
+    cursor.execute("SET LOCAL ROLE pg_read_all_data")
+
+
 def run_readonly(url: str, query: str, limit: int | None = None) -> tuple[list[str], list[tuple]]:
     """Run ``query`` (one statement) on a read-only connection; return (column names, rows)."""
     engine = make_engine(url, read_only=True)
@@ -33,6 +50,7 @@ def run_readonly(url: str, query: str, limit: int | None = None) -> tuple[list[s
             cursor = connection.connection.driver_connection.cursor()
             try:
                 if engine.dialect.name == "postgresql":
+                    _drop_superuser_powers(cursor)
                     cursor.execute(query, prepare=True)  # extended protocol: one statement only
                 else:
                     cursor.execute(query)

@@ -172,3 +172,20 @@ def test_the_console_script_exists_and_shows_help():
     assert done.returncode == 0
     for verb in ("ingest", "status", "sql"):
         assert verb in done.stdout
+
+
+def test_sql_as_a_postgresql_superuser_cannot_read_server_files_or_run_programs(settings_env, tmp_path, capsys):
+    if not settings_env.catalog_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite has neither")
+    _populate(settings_env, tmp_path)
+    marker = tmp_path / "ran"
+    for statement in (f"COPY (SELECT 1) TO PROGRAM 'touch {marker}'", "SELECT pg_read_file('/etc/hostname')",
+                      "SELECT pg_ls_dir('.')"):
+        code, out, err = _sql(capsys, statement)
+        assert code != 0 and out == "" and ("permission denied" in err or "must be superuser" in err), err
+    assert not marker.exists()
+    # Undoing the role is one statement and ends there; the next query is restricted again.
+    assert _sql(capsys, "RESET ROLE")[0] == 0
+    assert _sql(capsys, "SELECT pg_read_file('/etc/hostname')")[0] != 0
+    code, out, _ = _sql(capsys, "SELECT COUNT(*) AS n FROM images")  # reading the catalog still works
+    assert code == 0 and "3" in out
