@@ -439,7 +439,7 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
     outcome: dict[str, AcceptedImage | Quarantine] = {}  # one decode per content within the batch
     # Content seen under both labels (here, or here and in the catalog): its label cannot be trusted,
     # so the conflicting name is a rejection and the image is quarantined (out of every snapshot).
-    first_label: dict[str, tuple[str, str]] = {sha: (image.label, f"image {image.id}") for sha, image in known.items()}
+    first_label = {sha: (image.label, f"image {image.id}") for sha, image in known.items()}
     conflicted: set[str] = set()
     for candidate, data, sha in readable:
         label, where = first_label.setdefault(sha, (candidate.label, candidate.name))

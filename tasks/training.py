@@ -12,6 +12,7 @@ TensorFlow is imported inside functions: importing this module is cheap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -416,14 +417,15 @@ def make_augmenter(config: AugmentConfig, size: int, seed: int):
             sigma = generator.uniform((), 0.3, max(0.31, config.blur_sigma))
             picked = tf.where(generator.uniform((batch_size,)) < config.blur_probability)
 
-            def blur(x=x):
+            def blur(images):
                 blurred = tf.nn.depthwise_conv2d(
-                    tf.pad(tf.gather_nd(x, picked), [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC"),
+                    tf.pad(tf.gather_nd(images, picked), [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC"),
                     gaussian_kernel(sigma), strides=[1, 1, 1, 1], padding="VALID")
-                return tf.tensor_scatter_nd_update(x, picked, blurred)
+                return tf.tensor_scatter_nd_update(images, picked, blurred)
 
             # (a convolution of an empty batch returns the padded shape: none drawn, nothing to do)
-            x = tf.cond(tf.shape(picked)[0] > 0, blur, lambda x=x: x)
+            unblurred = x
+            x = tf.cond(tf.shape(picked)[0] > 0, lambda: blur(unblurred), lambda: unblurred)
         return tf.clip_by_value(x, 0.0, 255.0)
 
     return augment
@@ -490,6 +492,20 @@ def resolve_weights(backbone: str, image_size: int, requested: str = "auto", wei
     return None
 
 
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Layers built inside take this Keras dtype policy (keras.applications build with the default
+    one). Keras keeps the default per thread, so fits running side by side do not see each other's."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def build_model(backbone: str, image_size: int, weights: str | None, *, dropout: float = 0.2,
                 bn_momentum: float = 0.9, alpha: float = 1.0, any_size: bool = False,
                 precision: str = "float32"):
@@ -507,44 +523,30 @@ def build_model(backbone: str, image_size: int, weights: str | None, *, dropout:
     spec = backbone_spec(backbone)
     if image_size < spec.min_size:
         raise ValueError(f"{backbone} needs images of at least {spec.min_size} px, got {image_size}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    # keras.applications build with the default policy; Keras keeps it per thread, so fits running
-    # side by side in threads do not see each other's.
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
-        return _build_model(keras, spec, image_size, weights, dropout, bn_momentum, alpha, any_size)
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def _build_model(keras, spec: BackboneSpec, image_size: int, weights: str | None, dropout: float,
-                 bn_momentum: float, alpha: float, any_size: bool):
-    backbone = spec.name
-    inputs = keras.Input((None, None, 3) if any_size else (image_size, image_size, 3), name="pixels")
-    scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
-    application = getattr(keras.applications, spec.application)
-    kwargs: dict[str, Any] = {"alpha": alpha} if backbone == "mobilenet_v2" else {}
-    base = application(include_top=False, weights=None, input_tensor=scaled, **kwargs)
-    if weights is not None:
-        source = None if weights == "imagenet" else weights
-        if source is None:
-            base_with_weights = application(include_top=False, weights="imagenet",
-                                             input_shape=(image_size, image_size, 3), **kwargs)
-            base.set_weights(base_with_weights.get_weights())
-        else:
-            base.load_weights(source)
-    elif bn_momentum:
-        for layer in base.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = bn_momentum
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="prediction", dtype="float32")(x)
-    model = keras.Model(inputs, outputs, name=f"facetrace_{backbone}")
-    model.backbone_layer_names = [layer.name for layer in base.layers if layer.name not in ("pixels", "scale")]
-    return model
+    with dtype_policy(resolve_precision(precision, backbone)):
+        inputs = keras.Input((None, None, 3) if any_size else (image_size, image_size, 3), name="pixels")
+        scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+        application = getattr(keras.applications, spec.application)
+        kwargs: dict[str, Any] = {"alpha": alpha} if backbone == "mobilenet_v2" else {}
+        base = application(include_top=False, weights=None, input_tensor=scaled, **kwargs)
+        if weights is not None:
+            source = None if weights == "imagenet" else weights
+            if source is None:
+                base_with_weights = application(include_top=False, weights="imagenet",
+                                                 input_shape=(image_size, image_size, 3), **kwargs)
+                base.set_weights(base_with_weights.get_weights())
+            else:
+                base.load_weights(source)
+        elif bn_momentum:
+            for layer in base.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = bn_momentum
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(base.output)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="prediction", dtype="float32")(x)
+        model = keras.Model(inputs, outputs, name=f"facetrace_{backbone}")
+        model.backbone_layer_names = [layer.name for layer in base.layers if layer.name not in ("pixels", "scale")]
+        return model
 
 
 # ---------------------------------------------------------------- fit

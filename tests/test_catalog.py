@@ -129,8 +129,8 @@ def test_content_catalogued_under_the_other_label_meanwhile_comes_back_as_a_conf
         source_id = _source(session)
         session.add(_image(source_id))  # "a" * 64, real: the other writer's row
     with session_scope(engine) as session:
-        new_ids, duplicates, conflicts = add_images(
-            session, source_id, [accepted("a" * 64, "synthetic", "AI/a.png"), accepted("b" * 64, "synthetic", "AI/b.png")])
+        offered = [accepted("a" * 64, "synthetic", "AI/a.png"), accepted("b" * 64, "synthetic", "AI/b.png")]
+        new_ids, duplicates, conflicts = add_images(session, source_id, offered)
         assert len(new_ids) == 1 and duplicates == 0
         assert [(c.original_name, c.label) for c in conflicts] == [("AI/a.png", "synthetic")]
         assert session.scalars(select(Sighting.original_name)).all() == ["AI/b.png"]
