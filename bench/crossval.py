@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (large: train to the end)")
     parser.add_argument("--crop", type=int, help="train on random crops of this size (score whole images)")
     parser.add_argument("--reencode-size", type=int, help="re-encode at this size, then resize to --image-size")
-    parser.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"),
+    parser.add_argument("--precision", choices=("auto", *training.PRECISIONS),
                         help="compute precision of the fits (default: the settings' train_precision)")
     parser.add_argument("--time-budget", type=float, help="seconds per fit")
     parser.add_argument("--no-format-neutral", action="store_true")

@@ -168,13 +168,12 @@ def add_images(
                 .returning(Image.sha256, Image.id))
         new_ids = dict(session.execute(stmt, rows).tuples().all())
     existing = known_images(session, set(first) - set(new_ids))
-
-    def conflicting(image: AcceptedImage) -> bool:
+    kept: list[AcceptedImage] = []
+    conflicts: list[AcceptedImage] = []
+    for image in images:
         known = existing.get(image.record.sha256)
-        return known is not None and known.label != image.label
-
-    conflicts = [image for image in images if conflicting(image)]
-    images = [image for image in images if not conflicting(image)]
+        (conflicts if known is not None and known.label != image.label else kept).append(image)
+    images = kept
     ids = {sha: known.id for sha, known in existing.items()}
     ids.update(new_ids)
     sightings = sorted({(image.original_name, ids[image.record.sha256]) for image in images} | set(already))

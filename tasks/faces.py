@@ -415,6 +415,11 @@ def _catalogued(db_url: str, sha256s: list[str]) -> dict[str, KnownImage]:
         return known_images(session, sha256s)
 
 
+def _label_conflict(name: str, label: str, other: str, sha256: str, size: int) -> RejectedFile:
+    return RejectedFile(name, "label_conflict", f"labelled {label} here, {other}: neither label is trusted; the "
+                        "image is quarantined and left out of training", sha256=sha256, size=size)
+
+
 @task(retries=2, retry_delay_seconds=[1, 5], tags=["catalog"], cache_policy=NO_CACHE)
 def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, db_url: str,
                  limits: Limits, flow_run_id: str | None = None) -> BatchCounts:
@@ -444,16 +449,13 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
     for candidate, data, sha in readable:
         label, where = first_label.setdefault(sha, (candidate.label, candidate.name))
         if candidate.label != label:
-            refused.append(RejectedFile(
-                candidate.name, "label_conflict", f"labelled {candidate.label} here, {label} as {where}: neither "
-                "label is trusted; the image is quarantined and left out of training", sha256=sha, size=len(data)))
+            refused.append(_label_conflict(candidate.name, candidate.label, f"{label} as {where}", sha, len(data)))
             conflicted.add(sha)
             continue
         if sha in known:
-            image_id, stored = known[sha].id, known[sha].path
-            if not (Path(data_root) / stored).is_file():  # a lost file is restored from its source
-                write_atomically(Path(data_root) / stored, data, durable=True)
-            already.append((candidate.name, image_id))
+            if not (Path(data_root) / known[sha].path).is_file():  # a lost file is restored from its source
+                write_atomically(Path(data_root) / known[sha].path, data, durable=True)
+            already.append((candidate.name, known[sha].id))
             continue
         if sha not in outcome:
             try:
@@ -479,10 +481,8 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
                 image.prompt_id = prompt_ids[prompts[image.original_name]]
         new_ids, duplicates, late = add_images(session, source_id, accepted, flow_run_id, already=already)
         for image in late:  # catalogued under the other label by a concurrent batch since the look-up
-            refused.append(RejectedFile(image.original_name, "label_conflict",
-                                        f"labelled {image.label} here, the other label in the catalog: neither "
-                                        "label is trusted; the image is quarantined and left out of training",
-                                        sha256=image.record.sha256, size=image.record.bytes))
+            refused.append(_label_conflict(image.original_name, image.label, "the other label in the catalog",
+                                           image.record.sha256, image.record.bytes))
             conflicted.add(image.record.sha256)
         add_rejections(session, source_id, refused, flow_run_id)
         quarantine_images(session, conflicted)
