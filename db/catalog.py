@@ -166,7 +166,7 @@ def add_images(
         rows = [_image_row(source_id, image, flow_run_id) for image in first.values()]
         stmt = (_insert(session, Image).on_conflict_do_nothing(index_elements=["sha256"])
                 .returning(Image.sha256, Image.id))
-        new_ids = dict(session.execute(stmt, rows).tuples().all())
+        new_ids = {sha: image_id for sha, image_id in session.execute(stmt, rows)}
     existing = known_images(session, set(first) - set(new_ids))
     kept: list[AcceptedImage] = []
     conflicts: list[AcceptedImage] = []

@@ -136,5 +136,5 @@ def test_content_catalogued_under_the_other_label_meanwhile_comes_back_as_a_conf
         assert session.scalars(select(Sighting.original_name)).all() == ["AI/b.png"]
         assert quarantine_images(session, ["a" * 64]) == 1 and quarantine_images(session, ["a" * 64]) == 0
     with session_scope(engine) as session:
-        assert dict(session.execute(select(Image.sha256, Image.status)).tuples().all()) == {
+        assert dict(session.execute(select(Image.sha256, Image.status)).all()) == {
             "a" * 64: "quarantined", "b" * 64: "ok"}

@@ -45,7 +45,7 @@ def _row_counts(url: str) -> dict[str, int]:
 
 
 def _sql(capsys, *args: str) -> tuple[int, str, str]:
-    from facetrace.flows.cli import main
+    from facetrace.cli.main import main
 
     code = main(["sql", *args])
     out, err = capsys.readouterr()
@@ -114,7 +114,7 @@ def test_sql_reports_a_bad_query_in_one_line(settings_env, capsys):
 
 
 def test_status_counts_by_label_source_and_reason(settings_env, tmp_path, capsys):
-    from facetrace.flows.cli import main
+    from facetrace.cli.main import main
 
     _populate(settings_env, tmp_path)
     assert main(["status"]) == 0
@@ -123,7 +123,7 @@ def test_status_counts_by_label_source_and_reason(settings_env, tmp_path, capsys
 
 
 def test_ingest_without_a_path_is_one_line(sqlite_settings_env, capsys, tmp_path):
-    from facetrace.flows.cli import main
+    from facetrace.cli.main import main
 
     assert main(["ingest", "folder"]) == 2
     assert main(["ingest", "folder", str(tmp_path / "missing")]) != 0
@@ -135,7 +135,7 @@ def _modules_after(argv: list[str], env: dict[str, str]) -> tuple[set[str], subp
     """Run the CLI's main() in a fresh interpreter; return which heavy packages it imported."""
     probe = (
         "import sys, json\n"
-        "from facetrace.flows.cli import main\n"
+        "from facetrace.cli.main import main\n"
         "try:\n"
         f"    code = main({argv!r})\n"
         "except SystemExit as exit:\n"

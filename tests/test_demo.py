@@ -22,7 +22,7 @@ def test_demo_runs_the_offline_pipeline_and_prints_a_summary(tmp_path: Path) -> 
     env.update(FACETRACE_DATA_DIR=str(tmp_path / "data"), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", OPENAI_API_KEY="")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "facetrace.flows.cli", "demo"], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "facetrace.cli", "demo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-4000:]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from facetrace.flows.cli import CLIError, print_table, verb
+from facetrace.cli.main import CLIError, print_table, verb
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 @verb("prompts")
 def cmd_prompts(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.db.models import Prompt
     from facetrace.flows.prompts import write_prompts
@@ -38,7 +40,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     except PromptGenerationError as exc:
         raise CLIError(str(exc)) from None
     with session_scope(get_engine(get_settings().catalog_url)) as session:
-        rows = session.query(Prompt).filter(Prompt.id.in_(ids)).order_by(Prompt.id).all()
+        rows = session.scalars(select(Prompt).where(Prompt.id.in_(ids)).order_by(Prompt.id)).all()
         table = [(p.id, p.method, p.model or "", p.style, p.text) for p in rows]
     print_table(["id", "method", "model", "style", "prompt"], table, title=f"{len(table)} prompts stored")
     return 0

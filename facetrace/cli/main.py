@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add verbs: each defines add_parsers(sub) and registers handlers with @verb.
 # They must stay light at import time (no TensorFlow, torch or diffusers).
-VERB_MODULES: list[str] = ["facetrace.flows.cli_prompts", "facetrace.flows.cli_validate",
-                           "facetrace.flows.cli_synthesis", "facetrace.flows.cli_train"]
+VERB_MODULES: list[str] = ["facetrace.cli.prompts", "facetrace.cli.validate",
+                           "facetrace.cli.synthesis", "facetrace.cli.train"]
 
 
 # Prefect's temporary server on a fresh PREFECT_HOME: its usage telemetry writes to the new SQLite

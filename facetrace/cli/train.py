@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from facetrace.flows.cli import CLIError, print_table, verb
+from facetrace.cli.main import CLIError, print_table, verb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

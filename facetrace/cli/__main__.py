@@ -1,0 +1,5 @@
+import sys
+
+from facetrace.cli.main import main
+
+sys.exit(main())
