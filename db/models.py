@@ -286,3 +286,29 @@ Index(
     sqlite_where=Model.stage == "champion",
     postgresql_where=Model.stage == "champion",
 )
+
+
+DECISIONS = LABELS  # a detector's decision names a label
+
+
+class Prediction(Base):
+    """What the served champion said about one input (written by `facetrace api`, off the request path).
+
+    ``label`` is what the caller knew, when it knew it: decisions against it are the disagreements.
+    """
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        CheckConstraint(_in("decision", DECISIONS), name="decision"),
+        CheckConstraint(f"label IS NULL OR {_in('label', LABELS)}", name="label"),
+        CheckConstraint("score >= 0 AND score <= 1", name="score"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    decision: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(16))
+    request_id: Mapped[str | None] = mapped_column(String(36))

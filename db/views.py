@@ -41,8 +41,27 @@ VIEWS: dict[str, str] = {
 }
 
 
+# Views over tables added after 0002 (which creates every view in VIEWS): each is created by the
+# migration that adds its table (by name, never by looping over this dict).
+LATER_VIEWS: dict[str, str] = {
+    # What the served detector said, per day and model: volume, share flagged synthetic, and, where
+    # callers knew the answer, how often the decision disagreed with it. Dates are UTC.
+    "predictions_daily": """
+        SELECT DATE(p.created_at) AS day, p.model_id, m.backbone, m.version,
+               COUNT(*) AS predictions,
+               SUM(CASE WHEN p.decision = 'synthetic' THEN 1 ELSE 0 END) AS flagged,
+               AVG(CASE WHEN p.decision = 'synthetic' THEN 1.0 ELSE 0.0 END) AS flag_rate,
+               AVG(p.score) AS mean_score,
+               COUNT(p.label) AS labelled,
+               SUM(CASE WHEN p.label IS NOT NULL AND p.label <> p.decision THEN 1 ELSE 0 END) AS disagreements
+        FROM predictions p JOIN models m ON m.id = p.model_id
+        GROUP BY DATE(p.created_at), p.model_id, m.backbone, m.version
+    """,
+}
+
+
 def create_view_sql(name: str) -> str:
-    return f"CREATE VIEW {name} AS {VIEWS[name].strip()}"
+    return f"CREATE VIEW {name} AS {(VIEWS | LATER_VIEWS)[name].strip()}"
 
 
 def drop_view_sql(name: str) -> str:
