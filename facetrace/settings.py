@@ -40,6 +40,23 @@ class Settings(BaseSettings):
     train_backbones: list[str] = ["mobilenet_v2", "xception"]  # env as JSON, e.g. '["mobilenet_v2"]'
     serve_limit: int = 2
 
+    # The HTTP API (`facetrace api`): the champion served with micro-batching and hot swap.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_max_batch: int = 32  # images per forward pass
+    api_max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    api_queue_size: int = 256  # images waiting for the model; a request that does not fit gets 503
+    api_request_timeout_s: float = 30.0  # a request not answered by then gets 504
+    api_max_request_bytes: int = 32 * 1024 * 1024  # whole request body; each image also obeys max_file_bytes
+    api_max_images: int = 32  # images per request
+    api_poll_s: float = 2.0  # how often the catalog is asked for a new champion
+    api_record_predictions: bool = True  # write every answer to the predictions table (batched)
+    api_keep_labelled: bool = False  # opt-in: uploads sent with a label are kept in <data_dir>/inbox/<label>/
+    # Nightly validation of what the API answered: the share flagged synthetic over the last
+    # prediction_window_days must stay within this band around the model's rate on its test split.
+    prediction_flag_band: float = 0.15
+    prediction_window_days: int = 7
+
     # Scale-out: the task runner of fan-out steps (ingest batches, generation batches).
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = None  # a running Dask scheduler (tcp://host:8786); None = a local cluster

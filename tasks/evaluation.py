@@ -282,6 +282,32 @@ def grad_cam(model, images: np.ndarray, layer_name: str) -> np.ndarray:
     return np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0)
 
 
+def explained_network(model, hyperparameters: dict) -> tuple[Any, str]:
+    """The network Grad-CAM looks into and its last convolutional layer: the model itself, or an
+    ensemble's first member (nested as ``facetrace_<backbone>``)."""
+    from facetrace.tasks.training import backbone_spec
+
+    members = hyperparameters.get("members") or []
+    if members:
+        backbone = members[0]["backbone"]
+        return model.get_layer(f"facetrace_{backbone}"), backbone_spec(backbone).last_conv
+    return model, backbone_spec(hyperparameters.get("backbone", "mobilenet_v2")).last_conv
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> bytes:
+    """A Grad-CAM map (h, w in [0, 1]) drawn over its uint8 RGB image in the jet colours, as PNG bytes."""
+
+    from matplotlib import colormaps
+
+    heat = np.asarray(Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(
+        image.shape[:2][::-1], Image.Resampling.BILINEAR)) / 255.0
+    colours = colormaps["jet"](heat)[..., :3] * 255.0
+    blended = (1 - alpha) * np.asarray(image, np.float32) + alpha * colours
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -474,7 +500,7 @@ def audit_confounds(split: SnapshotSplit) -> dict[str, Any]:
 def evaluate_model(trained: TrainedModel, split: SnapshotSplit, tensor_files: dict[str, str], report_dir: Path,
                    data_dir: Path, target_fpr: float, robustness_images: int) -> dict[str, Any]:
     """Load the saved model (safe mode, sha256 checked) and evaluate it on its snapshot."""
-    from facetrace.tasks.training import SCORES, TrainConfig, backbone_spec, load_model, load_tensors
+    from facetrace.tasks.training import SCORES, TrainConfig, load_model, load_tensors
 
     model = load_model(trained.path, trained.sha256)
     config = TrainConfig.from_hyperparameters(trained.hyperparameters)
@@ -486,13 +512,11 @@ def evaluate_model(trained: TrainedModel, split: SnapshotSplit, tensor_files: di
         # usually remembered from their own evaluation; Grad-CAM looks into its first member.
         def score(images: np.ndarray) -> np.ndarray:
             return np.mean([SCORES.scores(net, sha, images, flip=flip) for _, sha, net in members], axis=0)
-
-        explained, last_conv = members[0][2], backbone_spec(members[0][0]).last_conv
     else:
         def score(images: np.ndarray) -> np.ndarray:
             return SCORES.scores(model, trained.sha256, images, flip=flip)
 
-        explained, last_conv = model, backbone_spec(trained.backbone).last_conv
+    explained, last_conv = explained_network(model, trained.hyperparameters)
     return evaluate_detector(score, config.preprocess, split, load_tensors(tensor_files), report_dir,
                              data_dir=data_dir, explained=explained, last_conv=last_conv,
                              title=f"{trained.backbone} (snapshot {split.snapshot_id})", target_fpr=target_fpr,

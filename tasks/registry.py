@@ -159,6 +159,13 @@ def resolve_model(session: Session, which: str = "champion") -> Model:
     return model
 
 
+def serving_info(model: Model) -> dict[str, Any]:
+    """What prediction needs of a registry row, detached from the session."""
+    return {"id": model.id, "backbone": model.backbone, "version": model.version, "path": model.path,
+            "sha256": model.sha256, "threshold": model.threshold if model.threshold is not None else 0.5,
+            "hyperparameters": model.hyperparameters or {}, "metrics": model.metrics or {}}
+
+
 def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[tuple]]:
     """The registry, newest last; ``wide`` adds the creation time and artifact path."""
     columns = ["id", "backbone", "version", "stage", "snapshot", "image_px", "roc_auc", "tpr@1%fpr",

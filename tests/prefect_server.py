@@ -87,6 +87,22 @@ class ManagedProcess:
         return self.proc.returncode
 
 
+def wait_until_healthy(process: ManagedProcess, healthy, timeout: float) -> None:
+    """Wait for ``healthy()``; stop the process and raise with its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.running():
+            tail = process.log_tail()
+            process.stop()
+            raise RuntimeError(f"{process.name} exited during start-up:\n{tail}")
+        if healthy():
+            return
+        time.sleep(0.5)
+    tail = process.log_tail()
+    process.stop()
+    raise TimeoutError(f"{process.name} not healthy after {timeout:.0f} s:\n{tail}")
+
+
 class PrefectServer:
     """`prefect server start` on 127.0.0.1:<free port> with state under ``home``."""
 
@@ -146,18 +162,8 @@ class PrefectServer:
         argv = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
                 "--analytics-off"]
         self.process = ManagedProcess("prefect server", argv, self.server_env(), self.home / "server.log")
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if not self.process.running():
-                tail = self.process.log_tail()
-                self.process.stop()
-                raise RuntimeError(f"prefect server exited during start-up:\n{tail}")
-            if self.healthy():
-                return self
-            time.sleep(0.5)
-        tail = self.process.log_tail()
-        self.process.stop()
-        raise TimeoutError(f"prefect server not healthy after {self.startup_timeout:.0f} s:\n{tail}")
+        wait_until_healthy(self.process, self.healthy, self.startup_timeout)
+        return self
 
     def stop(self) -> int | None:
         if self.process is None:

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add verbs: each defines add_parsers(sub) and registers handlers with @verb.
 # They must stay light at import time (no TensorFlow, torch or diffusers).
 VERB_MODULES: list[str] = ["facetrace.cli.prompts", "facetrace.cli.validate",
-                           "facetrace.cli.synthesis", "facetrace.cli.train"]
+                           "facetrace.cli.synthesis", "facetrace.cli.train", "facetrace.cli.api"]
 
 
 # Prefect's temporary server on a fresh PREFECT_HOME: its usage telemetry writes to the new SQLite

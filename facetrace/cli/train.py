@@ -110,7 +110,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
-    from facetrace.tasks.registry import resolve_model
+    from facetrace.tasks.registry import resolve_model, serving_info
 
     settings = get_settings()
     paths = expand_paths(args.paths)
@@ -121,9 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             row = resolve_model(session, args.model)
         except LookupError as exc:
             raise CLIError(str(exc)) from None
-        model_info = {"id": row.id, "backbone": row.backbone, "version": row.version, "path": row.path,
-                      "sha256": row.sha256, "threshold": row.threshold if row.threshold is not None else 0.5,
-                      "hyperparameters": row.hyperparameters or {}}
+        model_info = serving_info(row)
 
     from facetrace.tasks.training import TrainConfig, load_model, predict_files
 
