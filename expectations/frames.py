@@ -17,7 +17,8 @@ import pandas as pd
 from sqlalchemy import Connection, Engine, func, literal, select, union_all
 from sqlalchemy.orm import aliased
 
-from facetrace.db.models import Generation, Image, Prompt, Rejection, Sighting, Snapshot, SnapshotImage, Source
+from facetrace.db.models import (Generation, Image, Model, Prediction, Prompt, Rejection, Sighting, Snapshot,
+                                 SnapshotImage, Source, utcnow)
 
 IMAGE_COLUMNS = ["image_id", "sha256", "path", "label", "format", "mode", "width", "height", "bytes", "phash",
                  "status", "provenance", "source_kind", "prompt_id", "prompt_text", "generation_id"]
@@ -200,8 +201,40 @@ def check_files(images: pd.DataFrame, data_root: Path, *, sample: int = 0, seed:
     return frame
 
 
-def load_catalog_frames(engine: Engine) -> dict[str, pd.DataFrame | int | None]:
-    """Images, intake and (when a snapshot exists) the latest snapshot's members, in one read transaction."""
+def test_flag_rate(metrics: dict | None) -> float | None:
+    """The share of its test split a model called synthetic at its threshold (from the confusion)."""
+    confusion = ((metrics or {}).get("test") or {}).get("confusion") or {}
+    total = sum(int(confusion.get(k, 0)) for k in ("tn", "fp", "fn", "tp"))
+    return (int(confusion.get("fp", 0)) + int(confusion.get("tp", 0))) / total if total else None
+
+
+PREDICTION_COLUMNS = ["prediction_id", "model_id", "score", "flagged", "expected_flag_rate", "flag_drift"]
+
+
+def load_prediction_drift(connection: Connection, window_days: int) -> pd.DataFrame:
+    """One row per answer of the served detector in the last ``window_days``: whether it flagged the
+    image (1) or not (0), the answering model's flag rate on its test split, and the difference.
+    The mean of ``flag_drift`` is how far the share flagged has moved from what the test split
+    predicted. Answers of models without a test confusion are left out (nothing to compare with)."""
+    import datetime as dt
+
+    since = utcnow() - dt.timedelta(days=window_days)
+    rates = {model_id: test_flag_rate(metrics) for model_id, metrics in connection.execute(
+        select(Model.id, Model.metrics).where(Model.id.in_(
+            select(Prediction.model_id).where(Prediction.created_at >= since).distinct())))}
+    frame = _read(connection, select(Prediction.id.label("prediction_id"), Prediction.model_id, Prediction.score,
+                                     Prediction.decision).where(Prediction.created_at >= since)
+                  .order_by(Prediction.id))
+    frame["flagged"] = (frame["decision"] == "synthetic").astype("int64")
+    frame["expected_flag_rate"] = frame["model_id"].map(rates).astype("float64")
+    frame = frame.dropna(subset=["expected_flag_rate"]).reset_index(drop=True)
+    frame["flag_drift"] = frame["flagged"] - frame["expected_flag_rate"]
+    return frame[PREDICTION_COLUMNS]
+
+
+def load_catalog_frames(engine: Engine, prediction_window_days: int = 7) -> dict[str, pd.DataFrame | int | None]:
+    """Images, intake, (when a snapshot exists) the latest snapshot's members and the served
+    detector's recent answers, in one read transaction."""
     with engine.connect() as connection:
         if connection.dialect.name == "postgresql":  # one snapshot for all reads (SQLite's BEGIN already is)
             connection.execution_options(isolation_level="REPEATABLE READ")
@@ -209,4 +242,6 @@ def load_catalog_frames(engine: Engine) -> dict[str, pd.DataFrame | int | None]:
         intake = load_intake(connection)
         snapshot_id = latest_snapshot_id(connection)
         members = load_snapshot_members(connection, snapshot_id) if snapshot_id is not None else None
-    return {"images": images, "intake": intake, "snapshot_id": snapshot_id, "members": members}
+        predictions = load_prediction_drift(connection, prediction_window_days)
+    return {"images": images, "intake": intake, "snapshot_id": snapshot_id, "members": members,
+            "predictions": predictions}

@@ -57,6 +57,8 @@ class Thresholds:
     min_provenance_coverage: float = 0.0
     near_duplicate_distance: int = 6
     file_sample: int = 10_000
+    prediction_flag_band: float = 0.15
+    prediction_window_days: int = 7
 
     @classmethod
     def from_settings(cls, **overrides) -> Thresholds:
@@ -67,7 +69,8 @@ class Thresholds:
             min_side=s.min_image_side, max_side=s.max_image_side, allowed_formats=tuple(s.allowed_formats),
             class_balance_band=s.class_balance_band, max_rejection_rate=s.max_rejection_rate,
             min_provenance_coverage=s.min_provenance_coverage, near_duplicate_distance=s.near_duplicate_distance,
-            file_sample=s.validation_file_sample,
+            file_sample=s.validation_file_sample, prediction_flag_band=s.prediction_flag_band,
+            prediction_window_days=s.prediction_window_days,
         )
         known = {f.name for f in fields(cls)}
         values.update({k: v for k, v in overrides.items() if k in known and v is not None})
@@ -159,10 +162,27 @@ def files_suite(t: Thresholds) -> gx.ExpectationSuite:
         for column, description in checks])
 
 
+def predictions_suite(t: Thresholds) -> gx.ExpectationSuite:
+    """One row per answer of `facetrace api` in the recent window (frames.load_prediction_drift).
+
+    A warning, not a failure: a moving flag rate says the inputs or the world changed (or someone
+    is probing the detector), which calls for a look and maybe retraining, not for blocking anything.
+    """
+    band = t.prediction_flag_band
+    return gx.ExpectationSuite(name="predictions", expectations=[
+        gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0, severity=CRITICAL,
+                                          description="every recorded score is a probability"),
+        gxe.ExpectColumnMeanToBeBetween(
+            column="flag_drift", min_value=-band, max_value=band, severity=WARNING,
+            description=f"share flagged synthetic in the last {t.prediction_window_days} days within "
+                        f"+/-{band:.2f} of the answering model's test-split rate")])
+
+
 # Suite name -> (builder, columns that identify an offending row in the results).
 SUITES = {
     "catalog": (catalog_suite, ["sha256"]),
     "intake": (intake_suite, []),
     "splits": (splits_suite, ["sha256"]),
     "files": (files_suite, ["path"]),
+    "predictions": (predictions_suite, ["prediction_id"]),
 }

@@ -29,18 +29,21 @@ def docs_root(data_dir: Path) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def load_frames(catalog_url: str, near_duplicate_distance: int) -> dict[str, Any]:
-    """The catalog's frames, read in one read-only transaction; the splits frame when a snapshot exists."""
+def load_frames(catalog_url: str, near_duplicate_distance: int, prediction_window_days: int = 7) -> dict[str, Any]:
+    """The catalog's frames, read in one read-only transaction; the splits frame when a snapshot
+    exists, the predictions frame when the API answered in the window."""
     get_engine(catalog_url)  # migrated before a read-only connection opens it
     engine = make_engine(catalog_url, read_only=True)
     try:
-        loaded = load_catalog_frames(engine)
+        loaded = load_catalog_frames(engine, prediction_window_days)
     finally:
         engine.dispose()
     frames: dict[str, Any] = {"images": loaded["images"], "intake": loaded["intake"],
                               "snapshot_id": loaded["snapshot_id"]}
     if loaded["members"] is not None:
         frames["splits"] = split_leakage(loaded["members"], near_duplicate_distance)
+    if len(loaded["predictions"]):
+        frames["predictions"] = loaded["predictions"]
     return frames
 
 
@@ -87,7 +90,8 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
                      data_docs: bool = True) -> dict[str, Any]:
     """Validate the catalog (and a sample of its files); fail on a critical failure.
 
-    ``suites`` defaults to all (catalog, intake, files, and splits once a snapshot exists);
+    ``suites`` defaults to all (catalog, intake, files, splits once a snapshot exists, and
+    predictions once `facetrace api` has answered in the window);
     ``file_sample`` overrides FACETRACE_VALIDATION_FILE_SAMPLE (0 = every file).
     """
     logger = get_run_logger()
@@ -99,7 +103,7 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
     if unknown:
         raise ValueError(f"unknown suite(s) {sorted(unknown)}; expected some of {list(SUITES)}")
 
-    loaded = load_frames(settings.catalog_url, thresholds.near_duplicate_distance)
+    loaded = load_frames(settings.catalog_url, thresholds.near_duplicate_distance, thresholds.prediction_window_days)
     frames: dict[str, pd.DataFrame] = {}
     if "catalog" in wanted:
         frames["catalog"] = loaded["images"]
@@ -107,6 +111,8 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
         frames["intake"] = loaded["intake"]
     if "splits" in wanted and "splits" in loaded:
         frames["splits"] = loaded["splits"]
+    if "predictions" in wanted and "predictions" in loaded:
+        frames["predictions"] = loaded["predictions"]
     if "files" in wanted:
         frames["files"] = check_catalog_files(loaded["images"], settings.data_dir, thresholds.file_sample,
                                               settings.workers)

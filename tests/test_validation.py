@@ -339,3 +339,62 @@ def test_cli_start_up_does_not_import_great_expectations():
             "print('great_expectations' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- what the served detector answered
+
+def add_predictions(session, model_id: int, decisions: list[str], days_ago: float = 0.0) -> None:
+    import datetime as dt
+
+    from facetrace.db.models import Prediction, utcnow
+
+    when = utcnow() - dt.timedelta(days=days_ago)
+    session.add_all([Prediction(sha256=f"{i:064x}", model_id=model_id, score=0.9 if d == "synthetic" else 0.1,
+                                decision=d, created_at=when) for i, d in enumerate(decisions)])
+
+
+def test_share_flagged_drifting_from_the_test_split_rate_is_a_warning(catalog_on_each_backend, gx_context):
+    from sqlalchemy import text
+
+    from facetrace.tasks.registry import add_candidate
+
+    catalog = catalog_on_each_backend
+    with session_scope(catalog["engine"]) as session:
+        # Its test split: half flagged (tp 4 + fp 1 of 10).
+        model_id = add_candidate(session, backbone="mobilenet_v2", path="/m.keras", sha256="a" * 64,
+                                 snapshot_id=catalog["snapshot_id"], image_size=32, hyperparameters={},
+                                 metrics={"test": {"confusion": {"tn": 4, "fp": 1, "fn": 1, "tp": 4}}},
+                                 threshold=0.5).id
+        add_predictions(session, model_id, ["synthetic", "real"] * 10)
+        add_predictions(session, model_id, ["synthetic"] * 50, days_ago=30)  # outside the 7-day window
+    frames = {"predictions": load_catalog_frames(catalog["engine"])["predictions"]}
+    assert len(frames["predictions"]) == 20
+    assert validate(gx_context, frames)["predictions"].success
+
+    with session_scope(catalog["engine"]) as session:
+        add_predictions(session, model_id, ["synthetic"] * 20)  # now 30 of 40 flagged: 0.75 vs 0.5
+    outcomes = validate(gx_context, {"predictions": load_catalog_frames(catalog["engine"])["predictions"]})
+    failure = only_failure(outcomes, "predictions", "share flagged synthetic")
+    assert failure.severity == "warning" and not outcomes["predictions"].critical_failure
+    assert failure.observed == "0.25"
+    with catalog["engine"].connect() as connection:
+        days = connection.execute(text("SELECT predictions, flagged FROM predictions_daily ORDER BY day")).all()
+    assert [tuple(d) for d in days] == [(50, 50), (40, 30)]
+
+
+def test_the_validation_flow_runs_the_predictions_suite_once_the_api_has_answered(prefect_harness, catalog):
+    from facetrace.db.models import Model
+    from facetrace.flows.validate import validate_catalog
+
+    with session_scope(catalog["engine"]) as session:
+        model = Model(backbone="mobilenet_v2", version=1, path="/m.keras", sha256="a" * 64,
+                      snapshot_id=catalog["snapshot_id"], image_size=32, threshold=0.5, stage="champion",
+                      metrics={"test": {"confusion": {"tn": 9, "fp": 1, "fn": 5, "tp": 5}}})
+        session.add(model)
+        session.flush()
+        add_predictions(session, model.id, ["synthetic"] * 9 + ["real"])  # 0.9 flagged vs 0.3
+    summary = validate_catalog(data_docs=False)
+    assert summary["success"] is False and summary["critical_failure"] is False
+    predictions = summary["suites"]["predictions"]
+    assert predictions["success"] is False and not predictions["critical_failure"]
+    assert predictions["statistics"]["rows"] == 10

@@ -52,7 +52,6 @@ class LoadedModel:
     config: TrainConfig
     network: Any
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    test_flag_rate: float | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "backbone": self.backbone, "version": self.version, "threshold": self.threshold,
@@ -60,13 +59,6 @@ class LoadedModel:
 
     def decide(self, score: float) -> str:
         return "synthetic" if score >= self.threshold else "real"
-
-
-def test_flag_rate(metrics: dict[str, Any]) -> float | None:
-    """The share of the test split the model called synthetic at its threshold, from its confusion."""
-    confusion = (metrics.get("test") or {}).get("confusion") or {}
-    total = sum(int(confusion.get(k, 0)) for k in ("tn", "fp", "fn", "tp"))
-    return (int(confusion.get("fp", 0)) + int(confusion.get("tp", 0))) / total if total else None
 
 
 def load_registered(info: dict[str, Any], threads: int | None = None) -> LoadedModel:
@@ -80,7 +72,7 @@ def load_registered(info: dict[str, Any], threads: int | None = None) -> LoadedM
     predict_scores(network, np.zeros((1, size, size, 3), np.uint8), batch_size=1, flip=config.test_time_flip)
     return LoadedModel(id=info["id"], backbone=info["backbone"], version=info["version"],
                        threshold=float(info["threshold"]), sha256=info["sha256"], config=config, network=network,
-                       hyperparameters=info["hyperparameters"], test_flag_rate=test_flag_rate(info.get("metrics") or {}))
+                       hyperparameters=info["hyperparameters"])
 
 
 # ---------------------------------------------------------------- input

@@ -14,7 +14,7 @@ from facetrace.cli.main import print_table, verb
 def add_parsers(sub) -> None:
     p = sub.add_parser("validate", help="validate the catalog and its files (Great Expectations); "
                        "exit 1 on a critical failure")
-    p.add_argument("--suite", action="append", choices=["catalog", "intake", "splits", "files"],
+    p.add_argument("--suite", action="append", choices=["catalog", "intake", "splits", "files", "predictions"],
                    help="run only this suite (repeatable; default all)")
     p.add_argument("--file-sample", type=int, metavar="N",
                    help="check N random files on disk (0 = all; default FACETRACE_VALIDATION_FILE_SAMPLE)")
