@@ -22,16 +22,17 @@ from prefect_server import VENV_BIN, ManagedProcess, free_port, wait_until_healt
 IMAGE_SIZE = 32  # MobileNetV2's minimum: a forward pass costs little on a shared CPU
 
 
-def train_tiny(out_dir: Path, faces: Path, seed: int = 0, epochs: int = 2):
-    """A MobileNetV2 (width 0.35, 32 px, random init) fitted on ``faces`` (Real/ and AI/): a real
-    detector, trained in seconds, whose threshold and test confusion come from the same images."""
+def train_tiny(out_dir: Path, faces: Path, seed: int = 0, epochs: int = 2, *, image_size: int = IMAGE_SIZE,
+               width: float = 0.35, per_class: int | None = None):
+    """A MobileNetV2 (width 0.35, 32 px, random init by default) fitted on ``faces`` (Real/ and AI/):
+    a real detector, trained in seconds, whose threshold and test confusion come from the same images."""
     from facetrace.tasks.training import TrainConfig, default_config, predict_scores, prepare_file, train_backbone
 
-    paths = sorted((faces / "Real").iterdir()) + sorted((faces / "AI").iterdir())
+    paths = sorted((faces / "Real").iterdir())[:per_class] + sorted((faces / "AI").iterdir())[:per_class]
     labels = np.array([0 if p.parent.name == "Real" else 1 for p in paths], np.float32)
-    base = default_config("mobilenet_v2", image_size=IMAGE_SIZE, epochs=epochs, seed=seed)
+    base = default_config("mobilenet_v2", image_size=image_size, epochs=epochs, seed=seed)
     config = TrainConfig(backbone="mobilenet_v2", preprocess=base.preprocess, epochs=epochs, seed=seed,
-                         width_multiplier=0.35, weights="none", precision="float32", patience=epochs,
+                         width_multiplier=width, weights="none", precision="float32", patience=epochs,
                          warmup_epochs=0, fine_tune_epochs=0, batch_size=8, test_time_flip=False)
     images = np.stack([prepare_file(p, config.preprocess) for p in paths])
     trained = train_backbone(images, labels, images, labels, config, out_dir, threads=2)
@@ -57,7 +58,8 @@ def register(catalog_url: str, trained, *, champion: bool) -> int:
         session.add(snapshot)
         session.flush()
         row = add_candidate(session, backbone=trained.backbone, path=trained.path, sha256=trained.sha256,
-                            snapshot_id=snapshot.id, image_size=IMAGE_SIZE,
+                            snapshot_id=snapshot.id,
+                            image_size=trained.hyperparameters["preprocess"]["image_size"],
                             hyperparameters=trained.hyperparameters,
                             metrics={"test": {"roc_auc": 0.5, "confusion": trained.confusion}},
                             threshold=trained.threshold)

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image as PILImage
 
 from api_support import ApiServer, promote_model, register, train_tiny
+from conftest import SHARED_DATA
 from ingest_corpus import bomb_png, encode, noise_image
 from test_registry import write_faces
 
@@ -289,8 +290,10 @@ def test_the_page_shows_a_verdict_score_and_grad_cam_for_a_dropped_face(served, 
     from playwright.sync_api import sync_playwright
 
     face = tmp_path / "face.png"
-    # A larger picture than the model's 32 px input, so the page shows something a person can see.
-    PILImage.open(faces / "AI" / "s5.png").resize((192, 192), PILImage.Resampling.NEAREST).save(face)
+    # A real face when the shared development faces are here, else a generated picture; larger than
+    # the model's 32 px input, so the page shows something a person can see.
+    real = sorted(SHARED_DATA.glob("Real/*.jpg"))[:1] or [faces / "AI" / "s5.png"]
+    PILImage.open(real[0]).convert("RGB").resize((192, 192), PILImage.Resampling.LANCZOS).save(face)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
