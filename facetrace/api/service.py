@@ -117,30 +117,15 @@ class Answer:
 # ---------------------------------------------------------------- the micro-batcher
 
 
-@dataclass
-class _Pending:
-    upload: Upload
-    future: Future
-    enqueued: float = field(default_factory=time.perf_counter)
+class QueueWorker:
+    """A bounded queue drained by one thread in groups: up to ``group`` items, or what arrived
+    within ``wait_s`` after the first. ``stop()`` lets the thread finish what is queued."""
 
-
-class MicroBatcher:
-    """A bounded queue in front of the model and one worker thread that runs it on up to
-    ``max_batch`` images at a time, waiting at most ``max_wait_s`` after the first for more.
-
-    Each batch is scored by the model current when the batch starts, and every answer names that
-    model: a hot swap between two batches never mixes models inside one forward pass.
-    """
-
-    def __init__(self, current, *, max_batch: int, max_wait_s: float, queue_size: int) -> None:
-        self._current = current
-        self.max_batch = max(1, max_batch)
-        self.max_wait_s = max(0.0, max_wait_s)
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=max(1, queue_size))
-        self._lock = threading.Lock()  # a request's images enter the queue together or not at all
-        self._thread = threading.Thread(target=self._run, name="facetrace-batcher", daemon=True)
-        self.batches = 0
-        self.images = 0
+    def __init__(self, name: str, *, queue_size: int, group: int, wait_s: float) -> None:
+        self.group = max(1, group)
+        self.wait_s = max(0.0, wait_s)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -153,6 +138,55 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    def handle(self, items: list) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items, stop = [first], False
+            deadline = time.perf_counter() + self.wait_s
+            while len(items) < self.group:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                items.append(item)
+            try:
+                self.handle(items)
+            except Exception:  # noqa: BLE001 - the thread must outlive one bad group
+                log.exception("%s failed on %d items", self._thread.name, len(items))
+            if stop:
+                return
+
+
+@dataclass
+class _Pending:
+    upload: Upload
+    future: Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher(QueueWorker):
+    """A bounded queue in front of the model and one worker thread that runs it on up to
+    ``max_batch`` images at a time, waiting at most ``max_wait_s`` after the first for more.
+
+    Each batch is scored by the model current when the batch starts, and every answer names that
+    model: a hot swap between two batches never mixes models inside one forward pass.
+    """
+
+    def __init__(self, current, *, max_batch: int, max_wait_s: float, queue_size: int) -> None:
+        super().__init__("facetrace-batcher", queue_size=queue_size, group=max_batch, wait_s=max_wait_s)
+        self._current = current
+        self._lock = threading.Lock()  # a request's images enter the queue together or not at all
+        self.batches = 0
+        self.images = 0
+
     def submit(self, uploads: list[Upload]) -> list[Future]:
         with self._lock:
             free = self._queue.maxsize - self._queue.qsize()
@@ -164,35 +198,14 @@ class MicroBatcher:
                 self._queue.put_nowait(item)
         return [item.future for item in pending]
 
-    def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
-        batch, stop = [first], False
-        deadline = time.perf_counter() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-            except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                break
-            batch.append(item)
-        return batch, stop
+    def handle(self, items: list[_Pending]) -> None:
+        batch = [item for item in items if item.future.set_running_or_notify_cancel()]
+        if batch:
+            self._score(batch)
 
-    def _run(self) -> None:
+    def _score(self, batch: list[_Pending]) -> None:
         from facetrace.tasks.training import predict_scores
 
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, stop = self._collect(first)
-            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if batch:
-                self._score(batch, predict_scores)
-            if stop:
-                return
-
-    def _score(self, batch: list[_Pending], predict_scores) -> None:
         started = time.perf_counter()
         model = self._current()
         if model is None:  # cannot happen after readiness, but never leave a caller waiting
@@ -222,7 +235,7 @@ class MicroBatcher:
 # ---------------------------------------------------------------- predictions in the catalog
 
 
-class PredictionRecorder:
+class PredictionRecorder(QueueWorker):
     """Answers written to ``predictions`` in batches by a thread of their own (never on the request path).
 
     Bounded: when the catalog cannot keep up, rows beyond the queue are dropped and counted
@@ -231,20 +244,10 @@ class PredictionRecorder:
 
     def __init__(self, catalog_url: str, *, queue_size: int = 20_000, flush_rows: int = 500,
                  flush_s: float = 1.0) -> None:
+        super().__init__("facetrace-recorder", queue_size=queue_size, group=flush_rows, wait_s=flush_s)
         self.catalog_url = catalog_url
-        self.flush_rows = flush_rows
-        self.flush_s = flush_s
-        self._queue: queue.Queue[dict | None] = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._run, name="facetrace-recorder", daemon=True)
         self.written = 0
         self.dropped = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
 
     def record(self, row: dict[str, Any]) -> None:
         try:
@@ -252,22 +255,8 @@ class PredictionRecorder:
         except queue.Full:
             self.dropped += 1
 
-    def _run(self) -> None:
-        done = False
-        while not done:
-            rows: list[dict] = []
-            deadline = time.monotonic() + self.flush_s
-            while len(rows) < self.flush_rows:
-                try:
-                    row = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if row is None:
-                    done = True
-                    break
-                rows.append(row)
-            if rows:
-                self._write(rows)
+    def handle(self, rows: list[dict]) -> None:
+        self._write(rows)
 
     def _write(self, rows: list[dict]) -> None:
         try:
