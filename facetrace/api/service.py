@@ -63,13 +63,13 @@ class LoadedModel:
 
 def load_registered(info: dict[str, Any], threads: int | None = None) -> LoadedModel:
     """Load a registry row's model (sha256 checked) and run it once, so the first request is not slow."""
-    from facetrace.tasks.training import configure_tensorflow, load_model, predict_scores
+    from facetrace.tasks.training import configure_tensorflow, load_model, score_batch
 
     configure_tensorflow(threads)
     network = load_model(info["path"], info["sha256"])
     config = TrainConfig.from_hyperparameters(info["hyperparameters"])
     size = config.preprocess.image_size
-    predict_scores(network, np.zeros((1, size, size, 3), np.uint8), batch_size=1, flip=config.test_time_flip)
+    score_batch(network, np.zeros((1, size, size, 3), np.uint8), flip=config.test_time_flip)
     return LoadedModel(id=info["id"], backbone=info["backbone"], version=info["version"],
                        threshold=float(info["threshold"]), sha256=info["sha256"], config=config, network=network,
                        hyperparameters=info["hyperparameters"])
@@ -204,7 +204,7 @@ class MicroBatcher(QueueWorker):
             self._score(batch)
 
     def _score(self, batch: list[_Pending]) -> None:
-        from facetrace.tasks.training import predict_scores
+        from facetrace.tasks.training import score_batch
 
         started = time.perf_counter()
         model = self._current()
@@ -217,7 +217,7 @@ class MicroBatcher(QueueWorker):
             # Inputs prepared for a model swapped out meanwhile are prepared again for this one.
             pixels = np.stack([item.upload.pixels if item.upload.preprocess == wanted
                                else prepare_bytes(item.upload.data, wanted) for item in batch])
-            scores = predict_scores(model.network, pixels, batch_size=len(batch), flip=model.config.test_time_flip)
+            scores = score_batch(model.network, pixels, flip=model.config.test_time_flip)
         except Exception as exc:  # noqa: BLE001 - reported to each waiting request
             log.exception("scoring a batch of %d failed", len(batch))
             for item in batch:
@@ -366,7 +366,7 @@ class DetectionService:
     def explain(self, upload: Upload) -> tuple[bytes, LoadedModel, float]:
         """A Grad-CAM overlay (PNG) of why the serving model decided as it did, and its score."""
         from facetrace.tasks.evaluation import explained_network, grad_cam, overlay_png
-        from facetrace.tasks.training import predict_scores
+        from facetrace.tasks.training import score_batch
 
         model = self._model
         if model is None:
@@ -375,8 +375,7 @@ class DetectionService:
             prepare_bytes(upload.data, model.config.preprocess)
         network, layer = explained_network(model.network, model.hyperparameters)
         with self.explain_lock:  # one gradient computation at a time: the CPU is shared
-            score = float(predict_scores(model.network, pixels[None], batch_size=1,
-                                         flip=model.config.test_time_flip)[0])
+            score = float(score_batch(model.network, pixels[None], flip=model.config.test_time_flip)[0])
             heat = grad_cam(network, pixels[None], layer)[0]
         return overlay_png(pixels, heat), model, score
 
