@@ -168,9 +168,10 @@ def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[
         metrics = m.metrics or {}
         test = metrics.get("test", {})
         confound = (metrics.get("confound_audit") or {}).get("roc_auc")
-        rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, _fmt(test.get("roc_auc")),
-                     _fmt(test.get("tpr_at_1pct_fpr")), _fmt(test.get("tpr_at_5pct_fpr")), _fmt(m.threshold),
-                     _fmt(confound), m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
+        # Numbers stay numbers (JSON readers, sorting); the table's printer rounds them for display.
+        rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, _number(test.get("roc_auc")),
+                     _number(test.get("tpr_at_1pct_fpr")), _number(test.get("tpr_at_5pct_fpr")), _number(m.threshold),
+                     _number(confound), m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
     if not wide:
         return columns[:-2], [row[:-2] for row in rows]
     return columns, rows
@@ -178,6 +179,10 @@ def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[
 
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{float(value):.4f}"
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 # ---------------------------------------------------------------- model card

@@ -30,9 +30,58 @@ class CLIError(Exception):
 
 # ---------------------------------------------------------------- output helpers
 
+# JSON numbers are IEEE doubles in most readers (JavaScript, jq): integers beyond 2^53 lose digits
+# there, so they travel as strings. Everything else numeric stays a number.
+JSON_SAFE_INTEGER = 2**53
+
+
+def json_ready(value):
+    """``value`` with JSON-safe types: numbers as numbers, big integers and unknown types as strings."""
+    import datetime as dt
+    import decimal
+    import math
+
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value) if abs(value) > JSON_SAFE_INTEGER else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        return json_ready(int(value)) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return json_ready(value.item())
+    return str(value)
+
+
+def print_json(value) -> None:
+    print(json.dumps(json_ready(value), indent=2))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | None = None, fmt: str = "table") -> None:
+    """Rows as a table (default), CSV or JSON on stdout.
+
+    A table never cuts a value: on a terminal long cells wrap; into a pipe or a file the table is as
+    wide as its content (a terminal's width means nothing to ``cat`` or ``grep``).
+    """
     if fmt == "json":
-        print(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
+        print_json([dict(zip(columns, row)) for row in rows])
         return
     if fmt == "csv":
         import csv
@@ -46,10 +95,14 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | N
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(str(column))
+        table.add_column(str(column), overflow="fold")
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
-    Console(width=max(120, Console().width)).print(table)
+        table.add_row(*[_cell(v) for v in row])
+    if sys.stdout.isatty():
+        console = Console()
+    else:  # as wide as the content needs: rich measures the table, so this is an upper bound only
+        console = Console(width=1_000_000, no_color=True, highlight=False, soft_wrap=True)
+    console.print(table)
 
 
 # ---------------------------------------------------------------- verbs
@@ -181,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build and maintain detectors of AI-generated face images. "
         "Settings: FACETRACE_DATA_DIR (data root, default ./data), FACETRACE_DB_URL (catalog URL).",
     )
+    add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("ingest", help="ingest faces from a folder, zip, Kaggle dataset or the bundled sample")
@@ -207,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", type=int, default=None, help="synthetic faces to generate (default: as many as real)")
 
     sub.add_parser("serve", help="serve all deployments (schedules, event-triggered retraining) from one process")
+    for subparser in sub.choices.values():
+        add_global_flags(subparser, top=False)
     return parser
 
 
@@ -221,29 +277,44 @@ VERB_MODULES: list[str] = ["facetrace.cli.prompts", "facetrace.cli.validate",
 # before the 20 s start-up timeout (seen on a first `facetrace ingest`). Both stay overridable.
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+# Without --verbose, Prefect's console handler keeps quiet: a failed run's traceback (dozens of lines)
+# still reaches the run log in the API and the UI, while the terminal gets the one-line reason.
+QUIET_PREFECT = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL"}
+
+
+def one_line(text: str) -> str:
+    """A message on one line: a multi-line error (a server's log tail, say) joined with ' | '."""
+    return " | ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
+
+
+def add_global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before or after the verb: `facetrace --verbose ingest ...` and `facetrace ingest ... -v`.
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show Prefect's logs and the full traceback of a failure")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for name, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = args.verbose or os.environ.get("FACETRACE_DEBUG") == "1"
+    for name, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_PREFECT)}.items():
+        os.environ.setdefault(name, value)
     try:
         return VERBS[args.verb](args)
+    except KeyboardInterrupt as exc:
+        error, code, message = exc, 130, "interrupted"
     except CLIError as exc:
-        print(f"facetrace {args.verb}: {exc}", file=sys.stderr)
-        return 2
+        error, code, message = exc, 2, str(exc)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
-        print(f"facetrace {args.verb}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"facetrace {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line for users; FACETRACE_DEBUG=1 shows the traceback
-        if os.environ.get("FACETRACE_DEBUG") == "1":
-            raise
-        print(f"facetrace {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        error, code, message = exc, 1, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one line for users; --verbose shows the traceback
+        error, code, message = exc, 1, f"{type(exc).__name__}: {exc}"
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error)
+    print(f"facetrace {args.verb}: {one_line(message)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

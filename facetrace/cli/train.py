@@ -6,11 +6,10 @@ Light at import time: Prefect flows and TensorFlow load only inside the verb tha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from facetrace.cli.main import CLIError, print_table, verb
+from facetrace.cli.main import CLIError, print_json, print_table, verb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -135,9 +134,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = [p for p in predictions if p.error]
     label = f"{model_info['backbone']} v{model_info['version']} (model {model_info['id']})"
     if args.format == "json":
-        print(json.dumps({"model": {k: model_info[k] for k in ("id", "backbone", "version", "threshold")},
-                          "predictions": [{"path": p.path, "probability": p.probability, "decision": p.decision,
-                                           "error": p.error} for p in predictions]}, indent=2))
+        print_json({"model": {k: model_info[k] for k in ("id", "backbone", "version", "threshold")},
+                    "predictions": [{"path": p.path, "probability": p.probability, "decision": p.decision,
+                                     "error": p.error} for p in predictions]})
     else:
         print_table(["path", "p(synthetic)", "decision", "error"],
                     [(p.path, "" if p.probability is None else f"{p.probability:.4f}", p.decision or "ERROR",
