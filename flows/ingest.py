@@ -16,38 +16,17 @@ from facetrace.settings import get_settings
 from facetrace.tasks.faces import (
     KAGGLE_DEFAULT,
     Listing,
-    cached_kaggle_archive,
     download_kaggle,
     ingest_batch,
-    kaggle_credentials,
     kaggle_source_details,
     list_folder,
     list_sample,
     list_zip,
 )
+from facetrace.tasks.sources import check_source
 from facetrace.tasks.storage import REASONS, Limits, sweep_stale_temporaries
 
 INGESTED_EVENT = "facetrace.faces.ingested"
-
-
-def check_source(kind: str, path: str | None = None, slug: str | None = None) -> None:
-    """Refuse, before any run starts, a source that cannot work: a missing path or Kaggle credentials.
-
-    The CLI calls this first so that such a mistake is one line on stderr, not a failed flow run.
-    """
-    if kind in ("folder", "zip"):
-        if not path:
-            raise ValueError(f"a {kind} source needs a path")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        if kind == "folder" and not Path(path).is_dir():
-            raise ValueError(f"{path} is not a folder (use `ingest zip` for an archive)")
-    elif kind == "kaggle":
-        slug = slug or KAGGLE_DEFAULT
-        if cached_kaggle_archive(slug, get_settings().data_dir / "cache") is None:
-            kaggle_credentials()  # raises PermissionError naming the environment variables
-    elif kind != "sample":
-        raise ValueError(f"unknown source kind {kind!r}; expected folder, zip, kaggle or sample")
 
 
 def list_source(kind: str, path: str | None, label: str | None, provenance: str | None, slug: str | None) -> Listing:

@@ -272,3 +272,35 @@ def test_verbose_is_accepted_before_and_after_the_verb(sqlite_settings_env, caps
     err = capsys.readouterr().err
     assert err.count("facetrace ingest: `facetrace ingest folder` needs a PATH") == 2
     assert "Traceback" in err  # --verbose: the traceback too
+
+
+# ---------------------------------------------------------------- after `make demo`: commands as printed
+
+def test_demo_summary_prints_commands_that_work_from_the_users_shell(sqlite_settings_env, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`facetrace` is not on PATH after `make demo` (no activated venv): the summary names the venv's script."""
+    import os
+    import shlex
+
+    from facetrace.cli.main import print_demo_summary
+
+    _populate(sqlite_settings_env, tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no venv on PATH, as in a fresh shell
+    monkeypatch.chdir(tmp_path)
+    print_demo_summary(12.0)
+    out = capsys.readouterr().out
+    lines = out[out.index("Where to look next"):].splitlines()
+    assert "source " in lines[0] and "activate" in lines[0]
+    printed = [line.split("  #")[0].strip() for line in lines[1:] if line.strip()]
+    exports = [line for line in printed if line.startswith("export ")]
+    commands = [line for line in printed if shlex.split(line)[0].endswith("facetrace")]
+    runnable = [c for c in commands if " predict " not in c and not c.endswith(" serve")]
+    assert any(c.endswith(" status") for c in runnable) and any(" sql " in c for c in runnable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACETRACE_")}
+    for command in runnable:
+        assert not command.startswith("facetrace "), command  # not on this PATH: it would be `command not found`
+        done = subprocess.run(["bash", "-c", "; ".join([*exports, command])], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        assert "no such table" not in done.stdout
+    assert any(shlex.split(c)[0].endswith("bin/facetrace") for c in runnable)

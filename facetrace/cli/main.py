@@ -10,18 +10,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {}
+FLOW_VERBS: set[str] = set()  # verbs that run flows: they get a Prefect API first
+PRECHECKS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
 
-def verb(name: str):
+def verb(name: str, *, runs_flows: bool = False, precheck: Callable[[argparse.Namespace], None] | None = None):
+    """Register a verb's handler. ``runs_flows``: connect to a Prefect API before it runs, after
+    ``precheck`` (cheap argument checks that must answer before any server starts)."""
     def register(fn: Callable[[argparse.Namespace], int]):
         VERBS[name] = fn
+        if runs_flows:
+            FLOW_VERBS.add(name)
+        if precheck:
+            PRECHECKS[name] = precheck
         return fn
 
     return register
+
+
+def connect_prefect():
+    """A context in which flows talk to the configured Prefect API or this data root's own server."""
+    from facetrace.local_server import prefect_api
+    from facetrace.settings import get_settings
+
+    settings = get_settings()
+    return prefect_api(settings.data_dir, enabled=settings.local_server, announce=announce_server)
+
+
+def announce_server(state: dict) -> None:
+    print(f"facetrace: started a Prefect server for this data root; UI at {state['ui_url']} "
+          "(`facetrace server stop` stops it)", file=sys.stderr)
 
 
 class CLIError(Exception):
@@ -107,15 +131,20 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | N
 
 # ---------------------------------------------------------------- verbs
 
-@verb("ingest")
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from facetrace.flows.ingest import check_source, ingest_faces
+def check_ingest(args: argparse.Namespace) -> None:
+    from facetrace.tasks.sources import check_source
 
     if args.kind in ("folder", "zip") and not args.path:
         raise CLIError(f"`facetrace ingest {args.kind}` needs a PATH")
     # Before any run starts: a missing path or missing Kaggle credentials is one line, not a failed run.
     check_source(args.kind, path=args.path if args.kind != "kaggle" else None,
                  slug=args.path if args.kind == "kaggle" else None)
+
+
+@verb("ingest", runs_flows=True, precheck=check_ingest)
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from facetrace.flows.ingest import ingest_faces
+
     result = ingest_faces(kind=args.kind, path=args.path if args.kind != "kaggle" else None, label=args.label,
                           provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None)
     rows = [(k, result[k]) for k in ("seen", "new", "duplicate", "quarantined")]
@@ -153,7 +182,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-@verb("demo")
+@verb("demo", runs_flows=True)
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -202,23 +231,49 @@ def print_demo_summary(elapsed_s: float) -> None:
         print(f"champion: model {champion.id} ({champion.backbone}) at {champion.path}")
         if champion.model_card:
             print(f"model card: {champion.model_card}")
-    print(f"""
-Where to look next:
-  facetrace status
-  facetrace sql "SELECT * FROM images_by_source"
-  facetrace sql "SELECT sha256, prompt, model_id, seed, steps FROM synthetic_images LIMIT 5"
-  facetrace sql "SELECT id, backbone, stage, metrics FROM models" --format json
-  facetrace predict path/to/face.jpg
-  reports and data docs: {root / 'reports'}  {root / 'validation'}
-  Prefect UI: `prefect server start`, open http://127.0.0.1:4200, then
-              `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` and `facetrace serve`.""")
+    ft = shell_command()
+    print("\nWhere to look next" + ("" if ft == "facetrace" else
+          " (or first `source " + str(Path(ft).parent / "activate") + "`, then plain `facetrace`)") + ":")
+    if os.environ.get("FACETRACE_DATA_DIR"):
+        print(f"  export FACETRACE_DATA_DIR={shlex.quote(str(root))}")
+    print(f"""  {ft} status
+  {ft} sql "SELECT * FROM images_by_source"
+  {ft} sql "SELECT sha256, prompt, model_id, seed, steps FROM synthetic_images LIMIT 5"
+  {ft} models
+  {ft} predict path/to/face.jpg
+  {ft} server status      # the Prefect UI with this demo's runs
+  {ft} serve              # schedules: inbox scans, nightly validation, retraining on new faces
+  reports and data docs: {root / 'reports'}  {root / 'validation'}""")
+    from facetrace.local_server import configured_api_url, running_server
+
+    api = configured_api_url()
+    state = None if api else running_server(settings.data_dir)
+    if state or api:
+        print(f"  Prefect UI: {state['ui_url'] if state else api.removesuffix('/api')}")
+
+
+def shell_command() -> str:
+    """How to call this facetrace from the user's shell: plain `facetrace` when that is what PATH finds,
+    else the virtual environment's script (relative to the current folder when under it)."""
+    import shutil
+
+    script = Path(sys.executable).with_name("facetrace")  # the venv's bin/, symlinks not resolved
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m facetrace.cli"
+    found = shutil.which("facetrace")
+    if found and Path(found).resolve() == script.resolve():
+        return "facetrace"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
 
 
 def _fmt(value) -> str:
     return "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-@verb("serve")
+@verb("serve", runs_flows=True)
 def cmd_serve(args: argparse.Namespace) -> int:
     from facetrace.deployments.serve import main as serve_main
 
@@ -269,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add verbs: each defines add_parsers(sub) and registers handlers with @verb.
 # They must stay light at import time (no TensorFlow, torch or diffusers).
 VERB_MODULES: list[str] = ["facetrace.cli.prompts", "facetrace.cli.validate",
-                           "facetrace.cli.synthesis", "facetrace.cli.train"]
+                           "facetrace.cli.synthesis", "facetrace.cli.train", "facetrace.cli.server"]
 
 
 # Prefect's temporary server on a fresh PREFECT_HOME: its usage telemetry writes to the new SQLite
@@ -300,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_PREFECT)}.items():
         os.environ.setdefault(name, value)
     try:
-        return VERBS[args.verb](args)
+        if args.verb in PRECHECKS:
+            PRECHECKS[args.verb](args)
+        if args.verb not in FLOW_VERBS:
+            return VERBS[args.verb](args)
+        with connect_prefect():
+            return VERBS[args.verb](args)
     except KeyboardInterrupt as exc:
         error, code, message = exc, 130, "interrupted"
     except CLIError as exc:

@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
 
 
-@verb("generate")
+@verb("generate", runs_flows=True)
 def cmd_generate(args: argparse.Namespace) -> int:
     from facetrace.flows.generate import generate_synthetic_faces
     from facetrace.tasks.prompts import PromptGenerationError
@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@verb("reproduce")
+@verb("reproduce", runs_flows=True)
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from facetrace.flows.reproduce import NotGenerated, reproduce_image
     from facetrace.tasks.synthesis import ModelUnavailable

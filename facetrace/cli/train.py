@@ -36,7 +36,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
-@verb("train")
+@verb("train", runs_flows=True)
 def cmd_train(args: argparse.Namespace) -> int:
     from facetrace.flows.train import train_and_evaluate
     from facetrace.tasks.training import BACKBONES
