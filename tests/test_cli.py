@@ -304,3 +304,47 @@ def test_demo_summary_prints_commands_that_work_from_the_users_shell(sqlite_sett
         assert done.returncode == 0, f"{command}: {done.stderr}"
         assert "no such table" not in done.stdout
     assert any(shlex.split(c)[0].endswith("bin/facetrace") for c in runnable)
+
+
+def test_help_of_every_verb_imports_neither_tensorflow_nor_torch(tmp_path):
+    import os
+
+    from facetrace.cli.main import VERBS, build_parser
+
+    build_parser()  # registers every verb module's verbs
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from facetrace.cli.main import VERBS, main\n"
+        "for verb in ['--help', *sys.argv[1:]]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main([verb] if verb == '--help' else [verb, '--help'])\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    verbs = sorted(VERBS)
+    assert {"ingest", "train", "predict", "generate", "server", "demo"} <= set(verbs)
+    env = {**os.environ, "FACETRACE_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", probe, *verbs], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_failed_flow_run_is_one_line_on_stderr_and_the_traceback_is_in_verbose(prefect_harness, tmp_path):
+    """`prompts --llm openai` without a key fails inside the flow run: Prefect's console log of the
+    failed run (dozens of lines) stays off the terminal unless --verbose."""
+    from ingest_corpus import cli_env
+
+    env = cli_env(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'catalog.sqlite'}", tmp_path / "home",
+                  OPENAI_API_KEY="")
+    env.pop("PREFECT_LOGGING_LEVEL", None)  # Prefect's default (INFO), as a user has it
+    done = subprocess.run([FACETRACE, "prompts", "--count", "2", "--llm", "openai"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("facetrace prompts: no OpenAI API key")
+
+    verbose = subprocess.run([FACETRACE, "prompts", "--count", "2", "--llm", "openai", "--verbose"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == done.returncode
+    assert "Traceback" in verbose.stderr and "Finished in state Failed" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1].startswith("facetrace prompts: no OpenAI API key")
