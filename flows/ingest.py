@@ -23,6 +23,7 @@ from facetrace.tasks.faces import (
     list_sample,
     list_zip,
 )
+from facetrace.tasks.inbox import move_ingested_files
 from facetrace.tasks.sources import check_source
 from facetrace.tasks.storage import REASONS, Limits, sweep_stale_temporaries
 
@@ -72,8 +73,14 @@ def ingest_faces(
     provenance: str | None = None,
     slug: str | None = None,
     batch_size: int | None = None,
+    archive_dir: str | None = None,
 ) -> dict:
-    """Ingest one source (folder, zip, kaggle or sample) into the catalog; idempotent."""
+    """Ingest one source (folder, zip, kaggle or sample) into the catalog; idempotent.
+
+    ``archive_dir`` (folders only; the inbox deployment sets it): once the batches have committed,
+    move each catalogued file to ``archive_dir/processed/`` and each quarantined one to
+    ``archive_dir/rejected/``, keeping relative paths, so the next scan reads only new files.
+    """
     logger = get_run_logger()
     settings = get_settings()
     run_id = current_flow_run_id()
@@ -106,6 +113,9 @@ def ingest_faces(
     summary = counts.as_dict()
     if summary["seen"] != total or summary["seen"] != summary["new"] + summary["duplicate"] + summary["quarantined"]:
         raise RuntimeError(f"ingest totals do not reconcile: {total} listed, {summary}")
+    if archive_dir and kind == "folder":  # after every batch committed: nothing moves before it is recorded
+        summary["moved"] = move_ingested_files(Path(listing.source.reference), [c.name for c in listing.candidates],
+                                               counts.rejected_names, Path(archive_dir))
     logger.info("ingested %s %s: %s", listing.source.kind, listing.source.reference, summary)
     create_markdown_artifact(summary_markdown(listing, counts), key="ingest-summary",
                              description=f"ingest of {listing.source.kind}")

@@ -41,6 +41,7 @@ from facetrace.db.catalog import (
 )
 from facetrace.db.engine import get_engine, session_scope
 from facetrace.tasks.sources import (  # noqa: F401 - KAGGLE_DEFAULT, cached_kaggle_archive: re-exported
+    IMAGE_SUFFIXES,
     KAGGLE_CREDENTIALS_HELP,
     KAGGLE_DEFAULT,
     cached_kaggle_archive,
@@ -58,7 +59,6 @@ from facetrace.tasks.storage import (
     write_atomically,
 )
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Folder names that imply a label (the original project's layout is Real/ and AI/).
 LAYOUT_LABELS = {
     "real": "real", "human": "real", "humans": "real", "faces": None,
@@ -474,4 +474,5 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
         add_rejections(session, source_id, refused, flow_run_id)
         quarantine_images(session, conflicted)
     return BatchCounts(seen=len(candidates), new=len(new_ids), duplicate=duplicates,
-                       rejected=Counter(r.reason for r in refused), new_image_ids=new_ids)
+                       rejected=Counter(r.reason for r in refused), new_image_ids=new_ids,
+                       rejected_names=[r.original_name for r in refused])

@@ -9,6 +9,7 @@ import os
 import zipfile
 from pathlib import Path
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 KAGGLE_DEFAULT = "ashwingupta3012/human-faces"
 KAGGLE_CREDENTIALS_HELP = (
     "Kaggle credentials not found: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), "

@@ -145,12 +145,44 @@ def check_ingest(args: argparse.Namespace) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from facetrace.flows.ingest import ingest_faces
 
+    if args.move_to and args.kind != "folder":
+        raise CLIError("--move-to applies to `ingest folder` only")
     result = ingest_faces(kind=args.kind, path=args.path if args.kind != "kaggle" else None, label=args.label,
-                          provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None)
+                          provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None,
+                          archive_dir=args.move_to)
     rows = [(k, result[k]) for k in ("seen", "new", "duplicate", "quarantined")]
     rows += [(f"quarantined: {r}", n) for r, n in result["quarantined_by_reason"].items()]
+    rows += [(f"moved to {args.move_to}/{place}", n) for place, n in (result.get("moved") or {}).items() if n]
     print_table(["outcome", "files"], rows, title=f"ingest {args.kind} {result['source']}")
+    if result["seen"] == 0:
+        from facetrace.tasks.sources import IMAGE_SUFFIXES
+
+        print(f"facetrace ingest: nothing to ingest: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+              f"in {result['source']}", file=sys.stderr)
+        return 1
+    if result["quarantined"] == result["seen"]:
+        print(f"facetrace ingest: nothing catalogued: {nothing_catalogued(result['quarantined_by_reason'])}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+# What to do about the usual reasons a whole source is quarantined (the others name a defect of the files).
+QUARANTINE_HINTS = {
+    "unknown_label": "pass --label real|synthetic or use Real/ and AI/ folders",
+    "too_large": "raise FACETRACE_MAX_FILE_BYTES if these files are wanted",
+    "decompression_bomb": "raise FACETRACE_MAX_IMAGE_PIXELS if these images are wanted",
+    "too_small": "lower FACETRACE_MIN_IMAGE_SIDE if these images are wanted",
+    "label_conflict": "the same pictures arrived with the other label: check the labels of this source",
+}
+
+
+def nothing_catalogued(by_reason: dict[str, int]) -> str:
+    """One line: every file's quarantine reason, most common first, and the hint for the commonest."""
+    ranked = sorted(by_reason.items(), key=lambda item: -item[1])
+    line = f"all {sum(by_reason.values())} files quarantined (" + ", ".join(f"{r}: {n}" for r, n in ranked) + ")"
+    hint = next((QUARANTINE_HINTS[r] for r, _ in ranked if r in QUARANTINE_HINTS), None)
+    return f"{line}; {hint}" if hint else f"{line}; see `facetrace status`"
 
 
 @verb("status")
@@ -298,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default ashwingupta3012/human-faces)")
     p.add_argument("--label", choices=["real", "synthetic"], help="label for every file (default: from Real/ and AI/ folders)")
     p.add_argument("--provenance", metavar="CSV", help="CSV with columns prompt,image_name for synthetic images")
+    p.add_argument("--move-to", metavar="DIR", help="folders only: move each catalogued file to DIR/processed/ and "
+                   "each quarantined one to DIR/rejected/ (default: leave the folder untouched)")
 
     sub.add_parser("status", help="catalog counts by label, source and status")
 
@@ -352,8 +386,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = args.verbose or os.environ.get("FACETRACE_DEBUG") == "1"
-    for name, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_PREFECT)}.items():
-        os.environ.setdefault(name, value)
+    wanted = {**PREFECT_DEFAULTS, **({} if verbose else QUIET_PREFECT)}
+    added = {name: value for name, value in wanted.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        return run_verb(args, verbose)
+    finally:  # called in-process (tests, scripts): leave the environment as it was
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def run_verb(args: argparse.Namespace, verbose: bool) -> int:
     try:
         if args.verb in PRECHECKS:
             PRECHECKS[args.verb](args)

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from facetrace.cli.main import CLIError, print_json, print_table, verb
+from facetrace.tasks.sources import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def add_parsers(sub) -> None:
