@@ -177,6 +177,20 @@ def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[
     return columns, rows
 
 
+def model_warnings(metrics: Mapping[str, Any] | None) -> list[str]:
+    """What a user must know before trusting this model's answers (for `predict` and the API)."""
+    metrics = metrics or {}
+    warnings = []
+    if metrics.get("demo_data"):
+        warnings.append(f"toy model: {metrics['demo_data']}")
+    confound = metrics.get("confound_audit") or {}
+    if confound.get("warning"):
+        auc = confound.get("roc_auc")
+        warnings.append("confound: file metadata alone (format, size) separates real from synthetic in its training "
+                        f"data{f' (ROC AUC {auc:.3f})' if isinstance(auc, (int, float)) else ''}; see its model card")
+    return warnings
+
+
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{float(value):.4f}"
 
@@ -210,6 +224,8 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
     members = hyperparameters.get("members") or []
     member_names = ", ".join(f"`{m.get('backbone')}`" for m in members)
     lines = [f"# facetrace detector: {backbone} v{version if version is not None else '?'} ({stage})", ""]
+    if metrics.get("demo_data"):
+        lines += [f"> **Warning: toy model.** This detector was {metrics['demo_data']}.", ""]
     if confound.get("warning"):
         lines += [f"> **Warning: confound.** File metadata alone (format, width, height, file size) separates "
                   f"real from synthetic in this data with ROC AUC {confound.get('roc_auc'):.3f}. The data can be "

@@ -46,6 +46,9 @@ def test_demo_runs_the_offline_pipeline_and_prints_a_summary(tmp_path: Path) -> 
     assert "roc_auc" in json.loads(metrics)["test"] and Path(json.loads(metrics)["reports"]["gradcam"]).is_file()
     assert "the mean P(synthetic) of `mobilenet_v2`, `xception`" in Path(card).read_text()
     assert catalog.execute("SELECT COUNT(*) FROM models WHERE stage = 'champion'").fetchone()[0] == 1
+    # LFW thumbnails against the tiny generator: every model knows it is a toy, and the summary says so.
+    assert all(json.loads(m)["demo_data"] for (m,) in catalog.execute("SELECT metrics FROM models"))
+    assert "WARNING: toy model: trained on the demo's data" in out
     assert catalog.execute("SELECT COUNT(*) FROM validation_runs").fetchone()[0] >= 1
     # The budget: the pipeline within 10 minutes on 2 cores.
     assert elapsed < 600, f"demo took {elapsed:.0f} s"

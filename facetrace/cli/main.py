@@ -263,6 +263,11 @@ def print_demo_summary(elapsed_s: float) -> None:
         print(f"champion: model {champion.id} ({champion.backbone}) at {champion.path}")
         if champion.model_card:
             print(f"model card: {champion.model_card}")
+        from facetrace.tasks.registry import model_warnings
+
+        for warning in model_warnings(champion.metrics):
+            if warning.startswith("toy"):  # the confound audit has its own line above
+                print(f"WARNING: {warning}")
     ft = shell_command()
     print("\nWhere to look next" + ("" if ft == "facetrace" else
           " (or first `source " + str(Path(ft).parent / "activate") + "`, then plain `facetrace`)") + ":")

@@ -109,7 +109,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
-    from facetrace.tasks.registry import resolve_model
+    from facetrace.tasks.registry import model_warnings, resolve_model
 
     settings = get_settings()
     paths = expand_paths(args.paths)
@@ -122,7 +122,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from None
         model_info = {"id": row.id, "backbone": row.backbone, "version": row.version, "path": row.path,
                       "sha256": row.sha256, "threshold": row.threshold if row.threshold is not None else 0.5,
-                      "hyperparameters": row.hyperparameters or {}}
+                      "hyperparameters": row.hyperparameters or {}, "warnings": model_warnings(row.metrics)}
+    for warning in model_info["warnings"]:  # before loading TensorFlow: seen even if the user stops here
+        print(f"facetrace predict: warning: model {model_info['id']}: {warning}", file=sys.stderr)
 
     from facetrace.tasks.training import TrainConfig, load_model, predict_files
 
@@ -134,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = [p for p in predictions if p.error]
     label = f"{model_info['backbone']} v{model_info['version']} (model {model_info['id']})"
     if args.format == "json":
-        print_json({"model": {k: model_info[k] for k in ("id", "backbone", "version", "threshold")},
+        print_json({"model": {k: model_info[k] for k in ("id", "backbone", "version", "threshold", "warnings")},
                     "predictions": [{"path": p.path, "probability": p.probability, "decision": p.decision,
                                      "error": p.error} for p in predictions]})
     else:
