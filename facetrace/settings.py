@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     # Wall-clock seconds for all fits of one run (schedules adapt to it). 600 s of fits kept a whole
     # `facetrace train` on 1,200 images under 15 minutes on 2 cores (see README).
     train_time_budget_s: float = 600.0
-    weights_dir: Path | None = None  # Keras no-top ImageNet .h5 files; absent: ~/.keras/models, else random init
+    weights_dir: Path | None = None  # a folder of Keras no-top ImageNet .h5 files used as they are (no fetch)
+    # Where ImageNet weights are fetched from: None = Keras' own origin; or a folder / an http(s) base URL
+    # holding Keras' file names (air-gapped sites). Cached under <data_dir>/cache/keras/models.
+    weights_mirror: str | None = None
+    weights_timeout_s: float = 10.0  # network timeout of a fetch; then random initialisation (with a warning)
     target_fpr: float = 0.05  # the decision threshold keeps validation false positives at or below this
     champion_metric: str = "roc_auc"  # ties broken by TPR at 1% FPR
     champion_margin: float = 0.005  # a candidate must beat the champion by this much to replace it

@@ -169,7 +169,8 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
             e = evaluations[b]
             metrics = {"test": e["test"], "validation": e["validation"], "per_source": e["per_source"],
                        "robustness": e["robustness"], "confound_audit": confound, "reports": e["files"],
-                       "training": {"weights": model.weights, "epochs_run": model.epochs_run,
+                       "training": {"weights": model.weights, "weights_source": model.weights_source,
+                                    "epochs_run": model.epochs_run,
                                     "best_epoch": model.best_epoch, "seconds": round(model.seconds, 1),
                                     "history": model.history, "tensorboard": model.tensorboard}}
             row = registry.add_candidate(

@@ -161,14 +161,15 @@ def resolve_model(session: Session, which: str = "champion") -> Model:
 
 def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[tuple]]:
     """The registry, newest last; ``wide`` adds the creation time and artifact path."""
-    columns = ["id", "backbone", "version", "stage", "snapshot", "image_px", "roc_auc", "tpr@1%fpr",
+    columns = ["id", "backbone", "version", "stage", "snapshot", "image_px", "weights", "roc_auc", "tpr@1%fpr",
                "tpr@5%fpr", "threshold", "confound_auc", "created_at", "path"]
     rows = []
     for m in session.scalars(select(Model).order_by(Model.id)):
         metrics = m.metrics or {}
         test = metrics.get("test", {})
         confound = (metrics.get("confound_audit") or {}).get("roc_auc")
-        rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, _fmt(test.get("roc_auc")),
+        weights = (metrics.get("training") or {}).get("weights", "")
+        rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, weights, _fmt(test.get("roc_auc")),
                      _fmt(test.get("tpr_at_1pct_fpr")), _fmt(test.get("tpr_at_5pct_fpr")), _fmt(m.threshold),
                      _fmt(confound), m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
     if not wide:
@@ -212,7 +213,7 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
     lines += [
         "## Model",
         f"- artifact: `{path}` (sha256 `{sha256}`)",
-        f"- backbone: `{backbone}`, input {preprocess.get('image_size')} px, weights: {training.get('weights', '?')}",
+        f"- backbone: `{backbone}`, input {preprocess.get('image_size')} px, weights: {weights_text(training)}",
         f"- format-neutral inputs: {preprocess.get('format_neutral')} (centre square, JPEG quality "
         f"{preprocess.get('jpeg_quality')} at {preprocess.get('reencode_size') or preprocess.get('image_size')} px)",
         (f"- the mean P(synthetic) of {member_names} trained on this snapshot "
@@ -265,6 +266,17 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
               "- Scores are not calibrated probabilities beyond what the ECE above shows; use the threshold, "
               "not 0.5, for decisions."]
     return "\n".join(lines) + "\n"
+
+
+def weights_text(training: Mapping[str, Any]) -> str:
+    """Which weights a model started from: random, or ImageNet with the file's name, sha256 and origin."""
+    kind = training.get("weights", "?")
+    source = training.get("weights_source") or {}
+    if not source:
+        return "random initialisation (no ImageNet weights)" if kind == "random" else str(kind)
+    checked = ", hash pinned by Keras checked" if source.get("hash_checked") else ""
+    return (f"{kind} (`{source.get('name')}`, sha256 `{str(source.get('sha256'))[:16]}…`, "
+            f"from {source.get('origin')}{checked}); frozen backbone, then the top layers fine-tuned")
 
 
 def write_model_card(directory: Path, markdown: str) -> Path:

@@ -102,7 +102,9 @@ class TrainConfig:
     # from it and the CPU computes bfloat16 natively, else float32). Stored resolved with the model.
     precision: str = "auto"
     seed: int = 0
-    weights: str = "auto"  # auto (ImageNet if a local file exists) | none | PATH to a weights file
+    # auto: ImageNet, fetched through Keras (mirror, cache) when reachable, else random init with a warning;
+    # imagenet: the same but an error when unavailable; none: random init; PATH: that weights file.
+    weights: str = "auto"
 
     def hyperparameters(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -467,25 +469,44 @@ def keras_cache_dir() -> Path:
 
 def resolve_weights(backbone: str, image_size: int, requested: str = "auto", weights_dir: Path | None = None,
                     alpha: float = 1.0) -> str | None:
-    """'imagenet', a weights file path, or None (random initialisation, with a warning).
+    """The weights file to start from, or None (random initialisation, with a warning); see
+    :func:`resolve_weights_file`."""
+    found = resolve_weights_file(backbone, image_size, requested, weights_dir, alpha)
+    return None if found is None else found.path
 
-    Nothing is downloaded: ImageNet weights are used only when the file Keras would fetch is already
-    in its cache (or in ``weights_dir``), because training must work offline.
+
+def resolve_weights_file(backbone: str, image_size: int, requested: str = "auto", weights_dir: Path | None = None,
+                         alpha: float = 1.0):
+    """A verified :class:`~facetrace.tasks.weights.WeightsFile`, or None for random initialisation.
+
+    ``none``: random. A path: that file. ``auto`` (default) and ``imagenet``: Keras' no-top file from
+    ``weights_dir`` or Keras' own cache when there, else fetched through Keras (the mirror setting,
+    a short timeout, the hash checked) into the cache under the data root. When it cannot be had,
+    ``auto`` warns and starts from random initialisation; ``imagenet`` raises.
     """
+    from facetrace.tasks import weights as imagenet
+
     if requested == "none":
         return None
     if requested not in ("auto", "imagenet"):
         if not Path(requested).is_file():
             raise FileNotFoundError(f"weights file {requested} does not exist")
-        return requested
-    spec = backbone_spec(backbone)
-    rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
-    name = spec.weight_file.format(alpha=float(alpha), size=rows)
+        return imagenet.WeightsFile(name=Path(requested).name, path=str(requested), sha256=file_sha256(requested),
+                                    origin="file", hash_checked=False)
+    backbone_spec(backbone)
+    name = imagenet.weight_file_name(backbone, image_size, alpha)
     for directory in [d for d in (weights_dir, keras_cache_dir()) if d]:
         candidate = Path(directory) / name
         if candidate.is_file():
-            return "imagenet" if Path(directory) == keras_cache_dir() else str(candidate)
-    message = (f"no ImageNet weights for {backbone} ({name} not in {weights_dir or keras_cache_dir()}): "
+            return imagenet.WeightsFile(name=name, path=str(candidate), sha256=file_sha256(candidate),
+                                        origin=str(directory), hash_checked=False)
+    try:
+        return imagenet.fetch_from_settings(backbone, image_size, alpha)
+    except imagenet.WeightsUnavailable as exc:
+        if requested == "imagenet":
+            raise
+        reason = str(exc)
+    message = (f"no ImageNet weights for {backbone} ({reason}): "
                "training from random initialisation (BatchNormalization momentum lowered, all layers trained)")
     warnings.warn(message, stacklevel=2)
     log.warning(message)
@@ -564,6 +585,7 @@ class TrainedModel:
     best_epoch: int
     seconds: float
     tensorboard: str | None = None
+    weights_source: dict[str, Any] | None = None  # the ImageNet (or given) file: name, sha256, origin
 
 
 def _class_weights(labels: np.ndarray) -> dict[int, float] | None:
@@ -799,8 +821,9 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
     if config.crop_size and config.crop_size < minimum:
         raise ValueError(f"{config.backbone} needs crops of at least {minimum} px, got {config.crop_size}")
     keras.utils.set_random_seed(config.seed)
-    weights = resolve_weights(config.backbone, config.preprocess.image_size, config.weights, weights_dir,
-                              config.width_multiplier)
+    weights_file = resolve_weights_file(config.backbone, config.preprocess.image_size, config.weights, weights_dir,
+                                        config.width_multiplier)
+    weights = None if weights_file is None else weights_file.path
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, config.backbone))
     model = build_model(config.backbone, config.preprocess.image_size, weights, dropout=config.dropout,
                         bn_momentum=config.bn_momentum, alpha=config.width_multiplier,
@@ -815,7 +838,8 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
     model.save(path)
     return TrainedModel(
         backbone=config.backbone, path=str(path), sha256=file_sha256(path),
-        weights="random" if weights is None else ("imagenet" if weights == "imagenet" else "file"),
+        weights="random" if weights_file is None else ("file" if weights_file.origin == "file" else "imagenet"),
+        weights_source=None if weights_file is None else weights_file.as_dict(),
         hyperparameters=config.hyperparameters(), history=history, epochs_run=epochs_run, best_epoch=best_epoch,
         seconds=time.perf_counter() - started, tensorboard=str(tensorboard_dir) if tensorboard_dir else None)
 
