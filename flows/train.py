@@ -212,6 +212,10 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
 
     with session_scope(get_engine(url)) as session:
         archived = registry.promote(session, ids[best_backbone]) if decision.promote else None
+        pruned = registry.prune_models(session, settings.keep_candidates)
+        if pruned:
+            logger.info("retention: artifacts of models %s deleted (FACETRACE_KEEP_CANDIDATES=%d)",
+                        ", ".join(map(str, pruned)), settings.keep_candidates)
         rows = {b: session.get(registry.Model, ids[b]) for b in trained}
         for b, row in rows.items():
             card = registry.model_card_markdown(
@@ -246,4 +250,5 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
               for b in trained}
     return {"snapshot_id": split.snapshot_id, "models": models,
             "best": best_backbone, "promoted": decision.promote, "decision": decision.reason,
-            "compared_on": compared_on, "archived": archived, "confound_audit": confound}
+            "compared_on": compared_on, "archived": archived, "pruned": pruned, "paired": paired,
+            "confound_audit": confound}

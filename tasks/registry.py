@@ -236,6 +236,43 @@ def promote(session: Session, model_id: int) -> int | None:
     return previous.id if previous is not None else None
 
 
+def delete_artifact(path: str) -> bool:
+    """Delete one model artifact; True when there was one. The only place artifacts are deleted, so
+    moving them (an object store) means changing this function alone."""
+    target = Path(path)
+    existed = target.is_file()
+    target.unlink(missing_ok=True)
+    return existed
+
+
+def is_pruned(model: Model) -> bool:
+    return bool((model.metrics or {}).get("pruned"))
+
+
+def prune_models(session: Session, keep: int, *, reason: str = "retention") -> list[int]:
+    """Keep the champion and the ``keep`` most recent other models on disk; delete older artifacts.
+
+    The rows stay (stage unchanged, so the history and metrics remain queryable); each pruned row's
+    metrics JSON gains ``pruned: {at, reason, path}``, which `facetrace models` shows. Returns their ids.
+    """
+    import datetime as dt
+
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    others = [m for m in session.scalars(select(Model).where(Model.stage != "champion").order_by(Model.id.desc()))
+              if not is_pruned(m)]
+    pruned = []
+    for model in others[keep:]:
+        deleted = delete_artifact(model.path)
+        model.metrics = {**(model.metrics or {}), "pruned": {
+            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "path": model.path,
+            "reason": f"{reason}: the champion and the {keep} most recent other models are kept",
+            "deleted": deleted}}
+        pruned.append(model.id)
+    session.flush()
+    return pruned
+
+
 def resolve_model(session: Session, which: str = "champion") -> Model:
     """``champion`` or a model id -> the row; a clear error when there is none."""
     if which == "champion":
@@ -250,6 +287,9 @@ def resolve_model(session: Session, which: str = "champion") -> Model:
     model = session.get(Model, model_id)
     if model is None:
         raise LookupError(f"no model with id {model_id}; see `facetrace models`")
+    if is_pruned(model):
+        raise LookupError(f"model {model_id} was pruned (its artifact deleted by the retention rule, "
+                          "FACETRACE_KEEP_CANDIDATES); see `facetrace models`")
     return model
 
 
@@ -257,7 +297,7 @@ def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[
     """The registry, newest last; ``wide`` adds the creation time and artifact path."""
     columns = ["id", "backbone", "version", "stage", "snapshot", "image_px", "weights", "roc_auc [95% CI]",
                "tpr@1%fpr [95% CI]", "tpr@5%fpr [95% CI]", "test real/synth", "threshold",
-               "expected fpr [95% CI] (rule, real faces)", "confound_auc", "created_at", "path"]
+               "expected fpr [95% CI] (rule, real faces)", "confound_auc", "artifact", "created_at", "path"]
     rows = []
     for m in session.scalars(select(Model).order_by(Model.id)):
         metrics = m.metrics or {}
@@ -268,7 +308,7 @@ def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[
                      _with_interval(test, "roc_auc"), _with_interval(test, "tpr_at_1pct_fpr"),
                      _with_interval(test, "tpr_at_5pct_fpr"), _test_counts(test), _fmt(m.threshold),
                      _expected_fpr(metrics.get("operating_point")),
-                     _fmt(confound), m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
+                     _fmt(confound), "pruned" if is_pruned(m) else "kept", m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
     if not wide:
         return columns[:-2], [row[:-2] for row in rows]
     return columns, rows

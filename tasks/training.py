@@ -132,8 +132,8 @@ class BackboneSpec:
     last_conv: str  # the layer Grad-CAM explains
     weight_file: str  # the no-top ImageNet file name Keras caches (may contain {size} / {alpha})
     default_epochs: int = 30
-    # Whether bfloat16 compute pays on a CPU with native bfloat16 (measured at 96 px on 2 cores:
-    # Xception epochs 1.15x to 1.7x faster, `make bench`; MobileNetV2's depthwise layers: no gain).
+    # Whether bfloat16 compute may pay (a measurement on the machine decides, see resolve_precision;
+    # earlier notes said Xception 1.15x-1.7x, a later full `make bench` 0.93x; MobileNetV2: no gain).
     bfloat16_gain: bool = False
 
 
@@ -186,11 +186,75 @@ def cpu_has_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(precision: str, backbone: str, *, native_bfloat16: bool | None = None) -> str:
-    """``auto`` becomes mixed_bfloat16 for a backbone that gains from it on a CPU that has it, else float32."""
+# auto picks bfloat16 only where it was measured at least this much faster than float32 on this machine.
+BFLOAT16_MIN_SPEEDUP = 1.05
+
+
+def machine_fingerprint(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """What a precision measurement depends on: CPU model and its bfloat16 flags, core count, TensorFlow."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    try:
+        from importlib.metadata import version
+
+        tf_version = version("tensorflow-cpu")
+    except Exception:  # noqa: BLE001 - another TensorFlow distribution
+        tf_version = "?"
+    return f"{model} | bf16 {'native' if cpu_has_bfloat16(cpuinfo) else 'emulated'} | {os.cpu_count()} cpus | tf {tf_version}"
+
+
+def precision_probe_file() -> Path:
+    from facetrace.settings import get_settings
+
+    return get_settings().data_dir / "cache" / "precision-probe.json"
+
+
+def record_precision_probe(backbone: str, float32_rate: float, bfloat16_rate: float, *, file: Path | None = None,
+                           fingerprint: str | None = None) -> dict[str, Any]:
+    """Remember a measurement (training images/s in each precision) for this machine and backbone."""
+    file = Path(file or precision_probe_file())
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        data = {}
+    entry = {"float32": float32_rate, "mixed_bfloat16": bfloat16_rate, "ratio": bfloat16_rate / float32_rate,
+             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data.setdefault(fingerprint or machine_fingerprint(), {})[backbone] = entry
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".tmp-{uuid.uuid4().hex}-{file.name}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, file)
+    return entry
+
+
+def measured_bfloat16_speedup(backbone: str, *, file: Path | None = None, fingerprint: str | None = None) -> float | None:
+    """bfloat16 / float32 training speed measured on this machine for ``backbone``, or None."""
+    try:
+        data = json.loads(Path(file or precision_probe_file()).read_text())
+    except (OSError, ValueError):
+        return None
+    entry = data.get(fingerprint or machine_fingerprint(), {}).get(backbone)
+    return None if not entry else float(entry["ratio"])
+
+
+_UNMEASURED = object()
+
+
+def resolve_precision(precision: str, backbone: str, *, native_bfloat16: bool | None = None,
+                      measured_speedup: Any = _UNMEASURED) -> str:
+    """``auto`` becomes mixed_bfloat16 only for a backbone that may gain, on a CPU with native bfloat16,
+    where a measurement on this machine (:func:`record_precision_probe`, written by `make bench`)
+    found it at least :data:`BFLOAT16_MIN_SPEEDUP` times as fast; otherwise float32. (Native bfloat16
+    alone is no promise: a full bench measured Xception at 0.93x of float32 on such a CPU.)"""
     if precision == "auto":
         native = cpu_has_bfloat16() if native_bfloat16 is None else native_bfloat16
-        return "mixed_bfloat16" if native and backbone_spec(backbone).bfloat16_gain else "float32"
+        if not (native and backbone_spec(backbone).bfloat16_gain):
+            return "float32"
+        speedup = measured_bfloat16_speedup(backbone) if measured_speedup is _UNMEASURED else measured_speedup
+        return "mixed_bfloat16" if speedup is not None and speedup >= BFLOAT16_MIN_SPEEDUP else "float32"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected auto or one of {', '.join(PRECISIONS)}")
     return precision
@@ -834,14 +898,27 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
         tensorboard_dir=tensorboard_dir, verbose=verbose)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.keras"
-    model.save(path)
+    path = save_inference_model(model, out_dir / "model.keras")
     return TrainedModel(
         backbone=config.backbone, path=str(path), sha256=file_sha256(path),
         weights="random" if weights_file is None else ("file" if weights_file.origin == "file" else "imagenet"),
         weights_source=None if weights_file is None else weights_file.as_dict(),
         hyperparameters=config.hyperparameters(), history=history, epochs_run=epochs_run, best_epoch=best_epoch,
         seconds=time.perf_counter() - started, tensorboard=str(tensorboard_dir) if tensorboard_dir else None)
+
+
+def save_inference_model(model, path: str | os.PathLike) -> Path:
+    """Save ``model`` for prediction only: architecture, weights and dtype policies, no optimizer state
+    and no compile configuration (AdamW keeps two moments per weight: Xception's file was 250 MB, 166 MB
+    of it optimizer state). A fresh, never-compiled clone carries the trained weights to disk."""
+    import keras
+
+    # (keras.models.clone_model would compile the clone like the original, optimizer and all.)
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    path = Path(path)
+    clone.save(path)
+    return path
 
 
 def load_model(path: str | os.PathLike, expected_sha256: str | None = None):

@@ -205,6 +205,46 @@ def test_promotion_archives_the_previous_champion_and_the_database_allows_only_o
         session.flush()
 
 
+@pytest.mark.parametrize("keep", [0, 2])
+def test_after_n_plus_two_runs_only_the_champion_and_n_recent_models_stay_on_disk(catalog, tmp_path, keep):
+    from facetrace.db.engine import session_scope
+    from facetrace.db.models import Model
+    from facetrace.tasks.registry import add_candidate, promote, prune_models, registry_rows, resolve_model
+
+    files = {}
+    with session_scope(catalog) as session:
+        sid = _snapshot(session)
+    for run in range(keep + 2):  # each run registers one candidate; the first two runs promote theirs
+        artifact = tmp_path / f"run{run}" / "model.keras"
+        artifact.parent.mkdir()
+        artifact.write_bytes(b"weights" * 100)
+        with session_scope(catalog) as session:
+            row = add_candidate(session, backbone="mobilenet_v2", path=str(artifact), sha256="a" * 64,
+                                snapshot_id=sid, image_size=96, hyperparameters={}, metrics={"test": m(0.9)},
+                                threshold=0.5)
+            files[row.id] = artifact
+            if run < 2:
+                promote(session, row.id)
+            prune_models(session, keep)
+    with session_scope(catalog) as session:
+        rows = {row.id: row for row in session.query(Model)}
+        champion = next(i for i, row in rows.items() if row.stage == "champion")
+        on_disk = {i for i, path in files.items() if path.exists()}
+        newest_others = sorted((i for i in rows if i != champion), reverse=True)[:keep]
+        assert on_disk == {champion, *newest_others} and len(on_disk) == keep + 1
+        for i, row in rows.items():
+            assert bool(row.metrics.get("pruned")) == (i not in on_disk)  # the catalog says which
+            assert row.stage in ("champion", "candidate", "archived")  # rows and stages stay
+        gone = next(i for i in rows if i not in on_disk)
+        assert rows[gone].metrics["pruned"]["path"] == str(files[gone]) and rows[gone].metrics["test"]
+        columns, table = registry_rows(session)
+        artifact = {row[0]: row[columns.index("artifact")] for row in table}
+        assert {i for i, state in artifact.items() if state == "kept"} == on_disk
+        with pytest.raises(LookupError, match="was pruned"):
+            resolve_model(session, str(gone))
+        assert prune_models(session, keep) == []  # nothing left to prune: idempotent
+
+
 def test_model_card_names_data_metrics_and_the_confound_warning():
     from facetrace.tasks.registry import model_card_markdown
 
