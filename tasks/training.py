@@ -772,45 +772,12 @@ def _callbacks(config: TrainConfig, validation: bool, tensorboard_dir: Path | No
                                                        restore_best_weights=True, verbose=0,
                                                        start_from_epoch=epochs // 4))
     if tensorboard_dir is not None:
-        callbacks.append(EpochScalars(tensorboard_dir))
+        # Keras' own TensorBoard callback (the `tensorboard` package is installed): train/ and validation/
+        # runs with epoch_loss, epoch_auc, epoch_accuracy and epoch_learning_rate; `tensorboard --logdir`
+        # on the run's report folder shows them. No graph or profile: they cost time on a shared CPU.
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), histogram_freq=0,
+                                                     write_graph=False, profile_batch=0, update_freq="epoch"))
     return callbacks
-
-
-def EpochScalars(log_dir: Path):  # noqa: N802 - a callback class built lazily (keras imported here)
-    """Per-epoch scalars in TensorBoard's format, written with TensorFlow's own summary ops.
-
-    Keras' TensorBoard callback needs the separate `tensorboard` package even to write; this writes the
-    same event files (train/ and validation/ runs, tags epoch_loss, epoch_auc...) without it, so
-    `tensorboard --logdir` shows them wherever TensorBoard is installed.
-    """
-    import keras
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    serialized = metadata.SerializeToString()
-
-    class _EpochScalars(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.writers = {run: tf.summary.create_file_writer(str(Path(log_dir) / run))
-                            for run in ("train", "validation")}
-
-        def on_epoch_end(self, epoch, logs=None):
-            for key, value in (logs or {}).items():
-                run, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-                with self.writers[run].as_default():
-                    tf.summary.write(f"epoch_{tag}", tf.constant(float(value)), step=epoch, metadata=serialized)
-            with self.writers["train"].as_default():
-                rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-                tf.summary.write("epoch_learning_rate", tf.constant(rate), step=epoch, metadata=serialized)
-
-        def on_train_end(self, logs=None):
-            for writer in self.writers.values():
-                writer.flush()
-
-    return _EpochScalars()
 
 
 def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray | None,

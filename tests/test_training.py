@@ -231,7 +231,13 @@ def test_a_short_fit_saves_a_model_that_loads_in_safe_mode_and_refuses_a_changed
     fitted = training.train_backbone(images[:16], labels[:16], images[16:], labels[16:], config, tmp_path / "m",
                                      tensorboard_dir=tmp_path / "tb")
     assert Path(fitted.path).name == "model.keras" and fitted.weights == "random" and fitted.epochs_run == 1
-    assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
+    # Keras' TensorBoard callback wrote what `tensorboard --logdir tb` reads (TensorBoard's own reader).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {run: EventAccumulator(str(tmp_path / "tb" / run)).Reload() for run in ("train", "validation")}
+    scalars = {run: set(acc.Tags()["scalars"]) | set(acc.Tags().get("tensors", [])) for run, acc in runs.items()}
+    assert {"epoch_loss", "epoch_auc", "epoch_learning_rate"} <= scalars["train"]
+    assert {"epoch_loss", "epoch_auc"} <= scalars["validation"]
     model = training.load_model(fitted.path, fitted.sha256)
     scores = training.predict_scores(model, images[:5])
     assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
