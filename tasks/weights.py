@@ -139,8 +139,9 @@ def fetch_weights(backbone: str, image_size: int, *, alpha: float = 1.0, mirror:
             target.unlink(missing_ok=True)  # get_file leaves a file that failed its hash in the cache
             raise WeightsUnavailable(f"{name} from {origin} is corrupted: its hash is not Keras' {expected}") from None
         target.unlink(missing_ok=True)
-        raise WeightsUnavailable(f"{name} could not be fetched from {origin} "
-                                 f"({type(exc).__name__}: {str(exc)[:160]})") from None
+        # Keras words URL errors "URL fetch failure on <origin>: <errno> -- <reason>": keep the reason.
+        detail = str(exc).rsplit(" -- ", 1)[-1][:160]
+        raise WeightsUnavailable(f"{name} could not be fetched from {origin} ({detail})") from None
     try:
         check_structure(path)
     except ValueError as exc:
