@@ -23,7 +23,13 @@ from facetrace.flows.common import current_flow_run_id, emit
 from facetrace.settings import get_settings
 from facetrace.tasks import registry
 from facetrace.tasks.evaluation import audit_confounds, evaluate_model, score_against_champion
-from facetrace.tasks.splits import SnapshotSplit, read_snapshot, snapshot_catalog, snapshot_summary
+from facetrace.tasks.splits import (
+    SnapshotSplit,
+    demo_data_note,
+    read_snapshot,
+    snapshot_catalog,
+    snapshot_summary,
+)
 from facetrace.tasks.training import ENSEMBLE, TrainedModel, default_config, fit_backbone, prepare_tensors, save_ensemble
 
 REGISTERED_EVENT = "facetrace.model.registered"
@@ -152,6 +158,7 @@ def train_and_evaluate(
                                      settings.bootstrap_resamples)
                    for b in trained}
     summary = snapshot_summary(url, split)
+    summary["demo_data"] = demo_data_note(url, split)
     return register_run(trained, evaluations, confound, summary, split, primary_metric, margin, target_fpr, run_id)
 
 
@@ -171,6 +178,7 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
             metrics = {"test": e["test"], "validation": e["validation"], "operating_point": e.get("operating_point"),
                        "per_source": e["per_source"],
                        "robustness": e["robustness"], "confound_audit": confound, "reports": e["files"],
+                       "demo_data": summary.get("demo_data"),  # a toy's reason (predict and the card warn)
                        "training": {"weights": model.weights, "weights_source": model.weights_source,
                                     "epochs_run": model.epochs_run,
                                     "best_epoch": model.best_epoch, "seconds": round(model.seconds, 1),

@@ -295,39 +295,59 @@ def resolve_model(session: Session, which: str = "champion") -> Model:
 
 def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[tuple]]:
     """The registry, newest last; ``wide`` adds the creation time and artifact path."""
-    columns = ["id", "backbone", "version", "stage", "snapshot", "image_px", "weights", "roc_auc [95% CI]",
-               "tpr@1%fpr [95% CI]", "tpr@5%fpr [95% CI]", "test real/synth", "threshold",
-               "expected fpr [95% CI] (rule, real faces)", "confound_auc", "artifact", "created_at", "path"]
+    columns = ["id", "backbone", "version", "stage", "snapshot", "image_px", "weights", "roc_auc", "roc_auc 95% CI",
+               "tpr@1%fpr", "tpr@1%fpr 95% CI", "tpr@5%fpr", "tpr@5%fpr 95% CI", "test real/synth", "threshold",
+               "expected fpr 95% CI (rule, real faces)", "confound_auc", "artifact", "created_at", "path"]
     rows = []
     for m in session.scalars(select(Model).order_by(Model.id)):
         metrics = m.metrics or {}
         test = metrics.get("test", {})
         confound = (metrics.get("confound_audit") or {}).get("roc_auc")
         weights = (metrics.get("training") or {}).get("weights", "")
+        # Numbers stay numbers (JSON readers, sorting); the table's printer rounds them for display.
+        # Beside each figure its 95% bootstrap interval and the counts it rests on (display strings).
         rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, weights,
-                     _with_interval(test, "roc_auc"), _with_interval(test, "tpr_at_1pct_fpr"),
-                     _with_interval(test, "tpr_at_5pct_fpr"), _test_counts(test), _fmt(m.threshold),
-                     _expected_fpr(metrics.get("operating_point")),
-                     _fmt(confound), "pruned" if is_pruned(m) else "kept", m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
+                     _number(test.get("roc_auc")), _interval_text(test, "roc_auc"),
+                     _number(test.get("tpr_at_1pct_fpr")), _interval_text(test, "tpr_at_1pct_fpr"),
+                     _number(test.get("tpr_at_5pct_fpr")), _interval_text(test, "tpr_at_5pct_fpr"),
+                     _test_counts(test), _number(m.threshold), _expected_fpr(metrics.get("operating_point")),
+                     _number(confound), "pruned" if is_pruned(m) else "kept",
+                     m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
     if not wide:
         return columns[:-2], [row[:-2] for row in rows]
     return columns, rows
+
+
+def model_warnings(metrics: Mapping[str, Any] | None) -> list[str]:
+    """What a user must know before trusting this model's answers (for `predict` and the API)."""
+    metrics = metrics or {}
+    warnings = []
+    if metrics.get("demo_data"):
+        warnings.append(f"toy model: {metrics['demo_data']}")
+    confound = metrics.get("confound_audit") or {}
+    if confound.get("warning"):
+        auc = confound.get("roc_auc")
+        warnings.append("confound: file metadata alone (format, size) separates real from synthetic in its training "
+                        f"data{f' (ROC AUC {auc:.3f})' if isinstance(auc, (int, float)) else ''}; see its model card")
+    return warnings
 
 
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{float(value):.4f}"
 
 
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _interval(metrics: Mapping[str, Any], name: str) -> list[float] | None:
     return ((metrics.get("intervals") or {}).get("metrics") or {}).get(name)
 
 
-def _with_interval(metrics: Mapping[str, Any], name: str) -> str:
-    """``0.9910 [0.9820, 0.9970]``: a figure with its 95% bootstrap interval (when recorded)."""
-    value, interval = metrics.get(name), _interval(metrics, name)
-    if value is None:
-        return ""
-    return _fmt(value) + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+def _interval_text(metrics: Mapping[str, Any], name: str) -> str:
+    """``0.9820-0.9970``: a figure's 95% bootstrap interval (empty when none was recorded)."""
+    interval = _interval(metrics, name)
+    return f"{interval[0]:.4f}-{interval[1]:.4f}" if interval else ""
 
 
 def _test_counts(metrics: Mapping[str, Any]) -> str:
@@ -369,6 +389,8 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
     members = hyperparameters.get("members") or []
     member_names = ", ".join(f"`{m.get('backbone')}`" for m in members)
     lines = [f"# facetrace detector: {backbone} v{version if version is not None else '?'} ({stage})", ""]
+    if metrics.get("demo_data"):
+        lines += [f"> **Warning: toy model.** This detector was {metrics['demo_data']}.", ""]
     if confound.get("warning"):
         lines += [f"> **Warning: confound.** File metadata alone (format, width, height, file size) separates "
                   f"real from synthetic in this data with ROC AUC {confound.get('roc_auc'):.3f}. The data can be "
