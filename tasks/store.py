@@ -254,6 +254,11 @@ class ArtifactStore:
         return sorted(f[len(root) + 1:] for f in found)
 
 
+def as_store(store: ArtifactStore | str | os.PathLike) -> ArtifactStore:
+    """A store as given, or the local store at a data root (callers that still pass a folder)."""
+    return store if isinstance(store, ArtifactStore) else ArtifactStore(store)
+
+
 # ---------------------------------------------------------------- the read-through cache
 
 
@@ -273,13 +278,15 @@ class ObjectCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, store: ArtifactStore | None = None, settings=None) -> ObjectCache:
+    def from_settings(cls, store: ArtifactStore | None = None, settings=None,
+                      data_dir: str | os.PathLike | None = None) -> ObjectCache:
+        """The cache of this machine's data root (``data_dir`` overrides the settings' one)."""
         if settings is None:
             from facetrace.settings import get_settings
 
             settings = get_settings()
-        return cls(store or ArtifactStore.from_settings(settings), Path(settings.data_dir) / OBJECTS_CACHE,
-                   settings.cache_max_bytes)
+        root = Path(data_dir if data_dir is not None else settings.data_dir) / OBJECTS_CACHE
+        return cls(store or ArtifactStore.from_settings(settings), root, settings.cache_max_bytes)
 
     def _entry(self, key: str, sha256: str) -> Path:
         if not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
@@ -388,6 +395,32 @@ def image_paths(items: Iterable[Any], cache: ObjectCache | None = None, workers:
     """Verified local paths of catalogued images (anything with ``.path`` (a key) and ``.sha256``)."""
     cache = cache or ObjectCache.from_settings()
     return cache.fetch_many([(item.path, item.sha256) for item in items], workers=workers)
+
+
+def artifact_file(ref: str | os.PathLike, sha256: str | None = None, cache: ObjectCache | None = None) -> Path:
+    """A local, verified file for a catalogued artifact (a model, say).
+
+    ``ref`` is a store key, read through this machine's cache; an absolute path (a catalog from before
+    keys, or a file a caller built itself) is used as it is. With ``sha256``, bytes that differ are
+    refused (:class:`AlteredObject`, a ValueError); a missing artifact is FileNotFoundError.
+    """
+    path = Path(ref)
+    if path.is_absolute():
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        if sha256 and file_sha256(path) != sha256:
+            raise AlteredObject(f"model file {path} does not match its registered sha256; refusing to load it")
+        return path
+    cache = cache or ObjectCache.from_settings()
+    key = check_key(os.fspath(ref))
+    if sha256:
+        return cache.fetch_path(key, sha256)
+    if not cache.store.local:  # the cache is keyed by digest: without one there is nothing to check against
+        raise ValueError(f"{key}: an artifact in a remote store is read with its registered sha256")
+    local = cache.store.local_path(key)
+    if not local.is_file():
+        raise FileNotFoundError(f"{key} is not in the artifact store {cache.store.url}")
+    return local
 
 
 def sha256_of(data: bytes) -> str:
