@@ -80,7 +80,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = get_settings()
     with session_scope(get_engine(settings.catalog_url)) as session:
         counts = status_counts(session)
-    print(f"catalog: {settings.catalog_url}\ndata root: {settings.data_dir.resolve()}")
+    print(f"catalog: {settings.catalog_url}\ndata root: {settings.data_dir.resolve()}\n"
+          f"artifact store: {settings.store_url or settings.data_dir.resolve()}")
     print_table(["label", "status", "images"], counts["by_label"], title="images by label")
     print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by source")
     print_table(["reason", "files"], counts["rejected"], title="quarantined files")
@@ -133,7 +134,9 @@ def print_demo_summary(elapsed_s: float) -> None:
     docs = next((v.data_docs for v in validation if v.data_docs), None)
     if docs:
         site, found, _ = docs.partition("local_site")
-        print(f"data docs: {site + found + '/index.html' if found else docs}")
+        from facetrace.tasks.store import ArtifactStore
+
+        print(f"data docs: {ArtifactStore.from_settings(settings).url_for(site + found + '/index.html' if found else docs)}")
     metric_names = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "f1", "ece")
     rows = []
     for m in models:
