@@ -129,8 +129,12 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
     # The GX project (suites, results, the site) is built on this machine; the site is then published.
     root = docs_root(settings.data_dir) if data_docs else None
     outcomes, index = run_suites(frames, thresholds, root, run_id)
-    if index:
+    if root is not None and index:
         index = store.url_for(publish_data_docs(store, settings.data_dir, index, outcomes))
+    else:  # an ephemeral context's pages are in a temporary folder of this machine: nothing to record
+        index = None
+        for outcome in outcomes:
+            outcome.docs_page = None
     for outcome in outcomes:
         if outcome.suite == "files":
             outcome.statistics.update(frames["files"].attrs)
