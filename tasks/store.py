@@ -308,12 +308,13 @@ class ObjectCache:
                 os.utime(entry)  # most recently used
                 return entry
             entry.unlink(missing_ok=True)  # altered on this disk: fetch again
-        if not self.store.exists(key):
-            raise FileNotFoundError(f"{key} is not in the artifact store {self.store.url}")
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{entry.name}")
         try:
-            self.store.get_file(key, tmp)
+            try:
+                self.store.get_file(key, tmp)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{key} is not in the artifact store {self.store.url}") from None
             _verify(file_sha256(tmp), sha256, key, self.store)
             os.replace(tmp, entry)
         finally:

@@ -120,7 +120,6 @@ def test_gpu_and_cpu_workers_share_only_the_catalog_and_the_store(tmp_path, pg_c
                     logs = "\n".join(w.log_tail(6000) for w in workers)
                     assert flow_run.state.is_completed(), f"{name}: {flow_run.state}\n{logs}"
                     assert client.read_flow_run(flow_run.id).work_pool_name == pool
-                    return flow_run.state.result()
 
                 run("ingest-faces/ingest-inbox", {"kind": "folder", "path": str(faces), "label": "real"}, "cpu")
                 run("generate-synthetic-faces/generate", {"n": SYNTHETIC_FACES, "model": "tiny", "steps": 2,
