@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -147,3 +148,21 @@ def test_store_from_settings(store_env, data_dir: Path):
     assert store.local == (store_env.store_url is None)
     if store.local:
         assert Path(store.root) == data_dir.resolve()
+
+
+def test_store_options_are_json_fsspec_options(s3_server, store_url, monkeypatch):
+    from facetrace.tasks.store import load_options
+
+    assert load_options(None) == {}
+    assert load_options('{"client_kwargs": {"region_name": "us-east-1"}}') == {
+        "client_kwargs": {"region_name": "us-east-1"}}
+    with pytest.raises(ValueError, match="not JSON"):
+        load_options("endpoint=http://x")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_options("[1, 2]")
+    if store_url:  # the endpoint given as an option instead of AWS_ENDPOINT_URL reaches the same server
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        options = load_options(json.dumps({"client_kwargs": {"endpoint_url": s3_server.endpoint}}))
+        store = ArtifactStore(store_url, options)
+        store.put_bytes("a/b", b"via options")
+        assert store.get_bytes("a/b") == b"via options"
