@@ -1,7 +1,7 @@
 """The artifact store: what a remote (S3) store costs against the local data root, in one run.
 
-- ingest: images/s of the `ingest_faces` flow into an S3 store (moto's server on loopback, in this
-  process) vs into the local folder, same images, fresh catalogs. Target: at least 0.5.
+- ingest: images/s of the `ingest_faces` flow into an S3 store (moto's standalone server on loopback,
+  a process of its own) vs into the local folder, same images, fresh catalogs. Target: at least 0.5.
 - training input preparation: images/s of `prepare_tensors` (fetch through the read-through cache,
   sha256 check, decode, format-neutral re-encode) from a cold object cache (every image downloaded
   from the store) vs a warm one (every image already cached: no remote read), the tensor cache
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,22 +24,30 @@ REPEATS = int(os.environ.get("FACETRACE_BENCH_STORE_REPEATS", "2"))
 TARGET = 0.5
 
 
-def start_s3() -> tuple[object, str]:
-    """moto's S3 server on a free loopback port, with a bucket; the AWS variables set for s3fs."""
+def start_s3() -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server in a process of its own (as a real store would be: not sharing this
+    process's GIL) on a free loopback port, with a bucket; the AWS variables set for s3fs."""
     import socket
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3").create_bucket(Bucket="facetrace-bench")
-    return server, "s3://facetrace-bench"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket="facetrace-bench")
+            return server, "s3://facetrace-bench"
+        except Exception:  # noqa: BLE001 - not listening yet
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
 
 
 def use(data_dir: Path, store_url: str | None):
@@ -96,7 +105,8 @@ def rows(workdir: Path) -> list[dict]:
             ingest_seconds(synthetic, workdir / "s3-0", f"{bucket}/run-0")
             cold, warm = prepare_rates(workdir / "trainer", f"{bucket}/run-0", workdir / "s3-0" / "catalog.sqlite")
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
         for key in ("FACETRACE_STORE_URL", "FACETRACE_DATA_DIR"):
             os.environ.pop(key, None)
     prepare_row = {"name": f"training input from a cold object cache (S3) vs a warm one ({COUNT} images)",

@@ -92,6 +92,7 @@ class ArtifactStore:
                 self.options.setdefault("use_listings_cache", False)
             self.root = fsspec.core.url_to_fs(self.url, **self.options)[1].rstrip("/")
         self._fs = None
+        self._pending = threading.local()  # per thread: objects put with durable=False, sent by sync()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url, "options": self.options}
@@ -158,14 +159,23 @@ class ArtifactStore:
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> str:
         """Write ``data`` under ``key`` so that no reader sees a partial object; returns the key.
 
-        Local: temporary file + rename (``durable=False`` leaves the fsync to :meth:`sync`, once per batch).
+        ``durable=False`` leaves the rest to :meth:`sync`, once per batch, which the caller must call
+        before any catalog row points at the object: locally the fsync (the file is renamed into place
+        at once), remotely the upload itself, all of this thread's pending objects in one concurrent call.
         """
         path = self._path(key)
         if self.local:
             write_atomically(Path(path), data, durable=durable)
-        else:
+        elif durable:
             self._guard("put", key, lambda: self.fs.pipe_file(path, data))
+        else:
+            self._pending_objects()[path] = data
         return key
+
+    def _pending_objects(self) -> dict[str, bytes]:
+        if not hasattr(self._pending, "objects"):
+            self._pending.objects = {}
+        return self._pending.objects
 
     def put_file(self, key: str, source: str | os.PathLike) -> str:
         """Copy a local file to ``key`` (atomically, like :meth:`put_bytes`)."""
@@ -197,9 +207,16 @@ class ArtifactStore:
         return keys
 
     def sync(self) -> None:
-        """Make every write so far durable before a catalog row points at it (local: ``syncfs``)."""
+        """Make every write so far durable before a catalog row points at it (local: ``syncfs``;
+        remote: this thread's pending objects uploaded, concurrently)."""
         if self.local:
             sync_data_root(Path(self.root))
+            return
+        pending = self._pending_objects()
+        if not pending:
+            return
+        objects, self._pending.objects = dict(pending), {}  # a failed upload is retried by re-putting
+        self._guard("put", f"{len(objects)} objects under {self.url}", lambda: self.fs.pipe(objects))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -219,6 +236,23 @@ class ArtifactStore:
             except (IsADirectoryError, NotADirectoryError):
                 raise FileNotFoundError(f"{path} is not a file") from None
         return self._guard("get", key, lambda: self.fs.cat_file(path))
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Several objects' bytes by key, fetched concurrently (one request each, in flight together);
+        FileNotFoundError names the first missing one."""
+        if self.local:
+            return {key: self.get_bytes(key) for key in keys}
+        paths = {self._path(key): key for key in keys}
+        found = self._guard("get", f"{len(keys)} objects", lambda: self.fs.cat(list(paths), on_error="return"))
+        out = {}
+        for path, key in paths.items():
+            value = found.get(path, FileNotFoundError(path))
+            if isinstance(value, FileNotFoundError):
+                raise FileNotFoundError(f"{key} is not in the artifact store {self.url}")
+            if isinstance(value, Exception):
+                raise StoreError(f"artifact store {self.url}: get {key} failed: {type(value).__name__}: {value}")
+            out[key] = value
+        return out
 
     def get_file(self, key: str, target: str | os.PathLike) -> None:
         """Download ``key`` to a local file (streamed: model files can be large)."""
@@ -331,11 +365,33 @@ class ObjectCache:
     def fetch_many(self, items: Sequence[tuple[str, str]], *, workers: int = 8) -> list[str]:
         """Local paths of many (key, sha256) objects, in order, fetched on a few threads; trimmed once
         after all of them, so none of this batch is evicted before the caller reads it."""
+        if not self.store.local:
+            # Misses are downloaded in chunks of concurrent requests (one event loop, not a thread each).
+            missing = [(k, sha) for k, sha in dict(items).items() if not self._entry(k, sha).is_file()]
+            for start in range(0, len(missing), 64):
+                chunk = missing[start:start + 64]
+                for key, data in self.store.get_many([k for k, _ in chunk]).items():
+                    self._keep(key, dict(chunk)[key], data)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             paths = list(pool.map(lambda item: str(self.fetch_path(*item, trim=False)), items))
         if not self.store.local:
             self.trim(keep_all={Path(p) for p in paths}, budget=self.max_bytes)
         return paths
+
+    def _keep(self, key: str, sha256: str, data: bytes) -> Path:
+        """Verified bytes of ``key`` into the cache (atomically: a reader never sees half an entry)."""
+        _verify(sha256_of(data), sha256, key, self.store)
+        entry = self._entry(key, sha256)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{entry.name}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, entry)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self._lock:
+            self.fetched += 1
+        return entry
 
     def adopt(self, key: str, source: Path, sha256: str) -> None:
         """Seed the cache with a file this machine just built and uploaded (no download to read it back)."""

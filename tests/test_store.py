@@ -37,6 +37,14 @@ def test_put_get_exists_size_list_delete(store: ArtifactStore):
         store.get_bytes("images/ab/x.png")
 
 
+def test_a_batch_of_objects_is_visible_once_synced(store: ArtifactStore):
+    """durable=False: the caller syncs once per batch before any catalog row names the objects."""
+    keys = [store.put_bytes(f"images/0{i}/obj{i}.png", bytes([i]) * 10, durable=False) for i in range(5)]
+    store.sync()
+    assert all(store.get_bytes(k) == bytes([i]) * 10 for i, k in enumerate(keys))
+    store.sync()  # nothing pending: nothing to do
+
+
 def test_local_store_keeps_todays_layout(data_dir: Path):
     store = ArtifactStore(data_dir)
     store.put_bytes("images/ab/abc.png", b"png")
@@ -96,6 +104,8 @@ def test_altered_object_in_store_is_refused_even_after_caching(store: ArtifactSt
     fresh = ObjectCache(store, data_dir / "cache" / "fresh", max_bytes=1 << 20)
     with pytest.raises(AlteredObject):
         fresh.fetch_path(key, sha(data))
+    with pytest.raises(AlteredObject):  # the bulk path (a snapshot's images) checks every object too
+        fresh.fetch_many([(key, sha(data))])
     if not store.local:  # the copy cached before the change was verified then, and is still the right bytes
         assert cache.fetch_path(key, sha(data)).read_bytes() == data
         # a cached copy altered on this disk is detected and fetched again (here: refused, the store changed)
