@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FACES ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench screenshot serve clean
+.PHONY: setup demo test test-fast bench screenshot serve status models ui stop clean
 
 setup: $(STAMP)
 
@@ -36,5 +36,20 @@ screenshot: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/facetrace serve
 
+# Everyday verbs without activating the virtual environment.
+status: $(STAMP)
+	$(VENV)/bin/facetrace status
+
+models: $(STAMP)
+	$(VENV)/bin/facetrace models
+
+# The Prefect UI of this data root (its background server; started if needed).
+ui: $(STAMP)
+	$(VENV)/bin/facetrace server start
+
+stop: $(STAMP)
+	$(VENV)/bin/facetrace server stop
+
 clean:
+	-test -x $(VENV)/bin/facetrace && $(VENV)/bin/facetrace server stop
 	rm -rf $(VENV) data bench/latest.json

@@ -62,6 +62,7 @@ class BatchCounts:
     duplicate: int = 0
     rejected: Counter = field(default_factory=Counter)
     new_image_ids: list[int] = field(default_factory=list)
+    rejected_names: list[str] = field(default_factory=list)  # the quarantined files (the inbox moves them)
 
     def add(self, other: BatchCounts) -> None:
         self.seen += other.seen
@@ -69,6 +70,7 @@ class BatchCounts:
         self.duplicate += other.duplicate
         self.rejected.update(other.rejected)
         self.new_image_ids.extend(other.new_image_ids)
+        self.rejected_names.extend(other.rejected_names)
 
     @property
     def quarantined(self) -> int:

@@ -86,10 +86,11 @@ def get_engine(url: str | None = None) -> Engine:
 
         url = get_settings().catalog_url
     if url not in _ENGINES:
-        from facetrace.db.migrate import upgrade
+        from facetrace.db.migrate import at_head, upgrade
 
         engine = make_engine(url)
-        upgrade(engine)
+        if not at_head(engine):
+            upgrade(engine)
         _ENGINES[url] = engine
     return _ENGINES[url]
 

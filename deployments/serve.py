@@ -15,7 +15,8 @@ INGESTED_EVENT = "facetrace.faces.ingested"
 
 
 def inbox_dir() -> Path:
-    """Drop new faces under inbox/real/ or inbox/synthetic/; the ingest schedule picks them up."""
+    """Drop new faces under inbox/real/ or inbox/synthetic/; the ingest schedule picks them up and
+    moves each file to processed/ or rejected/ beside the inbox once it is recorded."""
     inbox = get_settings().data_dir.resolve() / "inbox"
     for label in ("real", "synthetic"):
         (inbox / label).mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,9 @@ def build_deployments(
     return [
         ingest_faces.to_deployment(
             name="ingest-inbox", interval=dt.timedelta(seconds=inbox_interval_s),
-            parameters={"kind": "folder", "path": str(inbox_dir())}, tags=["ingest"],
+            # Each file leaves the inbox once recorded: to processed/ or rejected/ beside it.
+            parameters={"kind": "folder", "path": str(inbox_dir()), "archive_dir": str(inbox_dir().parent)},
+            tags=["ingest"],
             # One scan of the inbox at a time: a scan still running when the next is due makes it skip.
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
             description="Ingest new faces dropped into the inbox (inbox/real, inbox/synthetic).",

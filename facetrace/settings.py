@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # gpt-3.5-turbo (the original) lacks structured outputs; prompts fall back to JSON mode for it.
     openai_model: str = "gpt-4o-mini"
 
+    # Flow commands without PREFECT_API_URL: one background Prefect server per data root, started on
+    # first use and reused (facetrace/local_server.py); false = Prefect's temporary server per call.
+    local_server: bool = True
+
     # Deployments (`facetrace serve`).
     inbox_interval_s: float = 300.0
     retrain_min_new_faces: int = 50

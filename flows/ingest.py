@@ -16,39 +16,19 @@ from facetrace.settings import get_settings
 from facetrace.tasks.faces import (
     KAGGLE_DEFAULT,
     Listing,
-    cached_kaggle_archive,
     download_kaggle,
     ingest_batch,
-    kaggle_credentials,
     kaggle_source_details,
     list_folder,
     list_sample,
     list_zip,
 )
+from facetrace.tasks.inbox import move_ingested_files
+from facetrace.tasks.sources import check_source
 from facetrace.tasks.storage import REASONS, Limits, sweep_stale_temporaries
 from facetrace.tasks.store import ArtifactStore
 
 INGESTED_EVENT = "facetrace.faces.ingested"
-
-
-def check_source(kind: str, path: str | None = None, slug: str | None = None) -> None:
-    """Refuse, before any run starts, a source that cannot work: a missing path or Kaggle credentials.
-
-    The CLI calls this first so that such a mistake is one line on stderr, not a failed flow run.
-    """
-    if kind in ("folder", "zip"):
-        if not path:
-            raise ValueError(f"a {kind} source needs a path")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        if kind == "folder" and not Path(path).is_dir():
-            raise ValueError(f"{path} is not a folder (use `ingest zip` for an archive)")
-    elif kind == "kaggle":
-        slug = slug or KAGGLE_DEFAULT
-        if cached_kaggle_archive(slug, get_settings().data_dir / "cache") is None:
-            kaggle_credentials()  # raises PermissionError naming the environment variables
-    elif kind != "sample":
-        raise ValueError(f"unknown source kind {kind!r}; expected folder, zip, kaggle or sample")
 
 
 def list_source(kind: str, path: str | None, label: str | None, provenance: str | None, slug: str | None) -> Listing:
@@ -94,8 +74,14 @@ def ingest_faces(
     provenance: str | None = None,
     slug: str | None = None,
     batch_size: int | None = None,
+    archive_dir: str | None = None,
 ) -> dict:
-    """Ingest one source (folder, zip, kaggle or sample) into the catalog; idempotent."""
+    """Ingest one source (folder, zip, kaggle or sample) into the catalog; idempotent.
+
+    ``archive_dir`` (folders only; the inbox deployment sets it): once the batches have committed,
+    move each catalogued file to ``archive_dir/processed/`` and each quarantined one to
+    ``archive_dir/rejected/``, keeping relative paths, so the next scan reads only new files.
+    """
     logger = get_run_logger()
     settings = get_settings()
     run_id = current_flow_run_id()
@@ -129,6 +115,9 @@ def ingest_faces(
     summary = counts.as_dict()
     if summary["seen"] != total or summary["seen"] != summary["new"] + summary["duplicate"] + summary["quarantined"]:
         raise RuntimeError(f"ingest totals do not reconcile: {total} listed, {summary}")
+    if archive_dir and kind == "folder":  # after every batch committed: nothing moves before it is recorded
+        summary["moved"] = move_ingested_files(Path(listing.source.reference), [c.name for c in listing.candidates],
+                                               counts.rejected_names, Path(archive_dir))
     logger.info("ingested %s %s: %s", listing.source.kind, listing.source.reference, summary)
     create_markdown_artifact(summary_markdown(listing, counts), key="ingest-summary",
                              description=f"ingest of {listing.source.kind}")

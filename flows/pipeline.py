@@ -100,6 +100,13 @@ def retrain_on_new_faces(
     if new < min_new_faces:
         logger.info("%d new faces since the last snapshot, fewer than %d: not retraining", new, min_new_faces)
         return {"retrained": False, "new_faces": new}
+    # Real faces often arrive before any synthetic ones (a first ingest, the pipeline's first step):
+    # that is a reason to wait for the next ingest, not a failed run.
+    missing = [label for label in ("real", "synthetic") if count_images(label) == 0]
+    if missing:
+        logger.info("%d new faces, but the catalog has no usable %s images yet: not retraining",
+                    new, " or ".join(missing))
+        return {"retrained": False, "new_faces": new, "missing_labels": missing}
     logger.info("%d new faces since the last snapshot: retraining", new)
     result = train_and_evaluate(backbones=tuple(backbones), epochs=epochs, image_size=image_size, seed=seed)
     return {"retrained": True, "new_faces": new, "training": result}

@@ -24,8 +24,14 @@ from facetrace.flows.common import current_flow_run_id, emit
 from facetrace.settings import get_settings
 from facetrace.tasks import registry
 from facetrace.tasks.evaluation import audit_confounds, evaluate_model, score_against_champion
+from facetrace.tasks.splits import (
+    SnapshotSplit,
+    demo_data_note,
+    read_snapshot,
+    snapshot_catalog,
+    snapshot_summary,
+)
 from facetrace.tasks.store import ArtifactStore, ObjectCache, Staging
-from facetrace.tasks.splits import SnapshotSplit, read_snapshot, snapshot_catalog, snapshot_summary
 from facetrace.tasks.training import ENSEMBLE, TrainedModel, default_config, fit_backbone, prepare_tensors, save_ensemble
 
 REGISTERED_EVENT = "facetrace.model.registered"
@@ -180,6 +186,7 @@ def train_and_evaluate(
                                                      settings.robustness_images), report_stages[b])
                    for b in trained}
     summary = snapshot_summary(url, split)
+    summary["demo_data"] = demo_data_note(url, split)
     return register_run(trained, evaluations, confound, summary, split, primary_metric, margin, target_fpr, run_id)
 
 
@@ -199,6 +206,7 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
             e = evaluations[b]
             metrics = {"test": e["test"], "validation": e["validation"], "per_source": e["per_source"],
                        "robustness": e["robustness"], "confound_audit": confound, "reports": e["files"],
+                       "demo_data": summary.get("demo_data"),  # a toy's reason (predict and the card warn)
                        "training": {"weights": model.weights, "epochs_run": model.epochs_run,
                                     "best_epoch": model.best_epoch, "seconds": round(model.seconds, 1),
                                     "history": model.history, "tensorboard": model.tensorboard}}

@@ -40,6 +40,15 @@ from facetrace.db.catalog import (
     quarantine_images,
 )
 from facetrace.db.engine import get_engine, session_scope
+from facetrace.tasks.sources import (  # noqa: F401 - KAGGLE_DEFAULT, cached_kaggle_archive: re-exported
+    IMAGE_SUFFIXES,
+    KAGGLE_CREDENTIALS_HELP,
+    KAGGLE_DEFAULT,
+    cached_kaggle_archive,
+    kaggle_cache_dir,
+    local_kaggle_credentials,
+    prefect_api_available,
+)
 from facetrace.tasks.storage import (
     Limits,
     Quarantine,
@@ -49,13 +58,11 @@ from facetrace.tasks.storage import (
 )
 from facetrace.tasks.store import ArtifactStore, as_store
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Folder names that imply a label (the original project's layout is Real/ and AI/).
 LAYOUT_LABELS = {
     "real": "real", "human": "real", "humans": "real", "faces": None,
     "ai": "synthetic", "fake": "synthetic", "synthetic": "synthetic", "generated": "synthetic",
 }
-KAGGLE_DEFAULT = "ashwingupta3012/human-faces"
 
 
 @dataclass(frozen=True)
@@ -260,47 +267,27 @@ def list_sample(count: int = 100) -> Listing:
                             for i, face in enumerate(faces)])
 
 
-KAGGLE_CREDENTIALS_HELP = (
-    "Kaggle credentials not found: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), "
-    "put kaggle.json in ~/.kaggle, or create Prefect Secret blocks 'kaggle-username' and 'kaggle-key'"
-)
-
-
 def kaggle_credentials() -> dict[str, str]:
     """Kaggle credentials from the environment, kaggle.json, or Prefect Secret blocks.
 
     Raises PermissionError naming the environment variables when there are none, so a missing
-    secret is one clear line rather than the client's own exit deep inside a download.
+    secret is one clear line rather than the client's own exit deep inside a download. Blocks are
+    looked up only where a Prefect API exists (see :func:`prefect_api_available`).
     """
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return {"KAGGLE_USERNAME": os.environ["KAGGLE_USERNAME"], "KAGGLE_KEY": os.environ["KAGGLE_KEY"]}
-    if os.environ.get("KAGGLE_API_TOKEN"):
-        return {"KAGGLE_API_TOKEN": os.environ["KAGGLE_API_TOKEN"]}
-    config_dirs = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else [
-        Path.home() / ".kaggle", Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "kaggle"]
-    if any((d / "kaggle.json").is_file() or (d / "access_token").is_file() for d in config_dirs):
-        return {}
-    try:
-        from prefect.blocks.system import Secret
+    found = local_kaggle_credentials()
+    if found is not None:
+        return found
+    from facetrace.settings import get_settings
 
-        return {"KAGGLE_USERNAME": Secret.load("kaggle-username").get(), "KAGGLE_KEY": Secret.load("kaggle-key").get()}
-    except Exception:  # noqa: BLE001 - no server, no block: fall through to the clear error below
-        pass
+    if prefect_api_available(get_settings().data_dir):
+        try:
+            from prefect.blocks.system import Secret
+
+            return {"KAGGLE_USERNAME": Secret.load("kaggle-username").get(),
+                    "KAGGLE_KEY": Secret.load("kaggle-key").get()}
+        except Exception:  # noqa: BLE001 - no block: fall through to the clear error below
+            pass
     raise PermissionError(KAGGLE_CREDENTIALS_HELP)
-
-
-def kaggle_cache_dir(slug: str, cache_dir: Path) -> Path:
-    owner, _, name = slug.partition("/")
-    if not owner or not name or "/" in name or owner in (".", "..") or name in (".", ".."):
-        raise ValueError(f"Kaggle dataset slug must look like owner/name, got {slug!r}")
-    return Path(cache_dir) / "kaggle" / owner / name
-
-
-def cached_kaggle_archive(slug: str, cache_dir: Path) -> Path | None:
-    """The complete archive of ``slug`` already in the cache, if any (a partial download is not a zip)."""
-    target_dir = kaggle_cache_dir(slug, cache_dir)
-    archive = target_dir / f"{slug.partition('/')[2]}.zip"
-    return archive if archive.is_file() and zipfile.is_zipfile(archive) else None
 
 
 def _retry_download(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
@@ -491,4 +478,5 @@ def ingest_batch(candidates: list[Candidate], source_id: int, store: ArtifactSto
         add_rejections(session, source_id, refused, flow_run_id)
         quarantine_images(session, conflicted)
     return BatchCounts(seen=len(candidates), new=len(new_ids), duplicate=duplicates,
-                       rejected=Counter(r.reason for r in refused), new_image_ids=new_ids)
+                       rejected=Counter(r.reason for r in refused), new_image_ids=new_ids,
+                       rejected_names=[r.original_name for r in refused])

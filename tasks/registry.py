@@ -168,16 +168,35 @@ def registry_rows(session: Session, wide: bool = True) -> tuple[list[str], list[
         metrics = m.metrics or {}
         test = metrics.get("test", {})
         confound = (metrics.get("confound_audit") or {}).get("roc_auc")
-        rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, _fmt(test.get("roc_auc")),
-                     _fmt(test.get("tpr_at_1pct_fpr")), _fmt(test.get("tpr_at_5pct_fpr")), _fmt(m.threshold),
-                     _fmt(confound), m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
+        # Numbers stay numbers (JSON readers, sorting); the table's printer rounds them for display.
+        rows.append((m.id, m.backbone, m.version, m.stage, m.snapshot_id, m.image_size, _number(test.get("roc_auc")),
+                     _number(test.get("tpr_at_1pct_fpr")), _number(test.get("tpr_at_5pct_fpr")), _number(m.threshold),
+                     _number(confound), m.created_at.strftime("%Y-%m-%d %H:%M") if m.created_at else "", m.path))
     if not wide:
         return columns[:-2], [row[:-2] for row in rows]
     return columns, rows
 
 
+def model_warnings(metrics: Mapping[str, Any] | None) -> list[str]:
+    """What a user must know before trusting this model's answers (for `predict` and the API)."""
+    metrics = metrics or {}
+    warnings = []
+    if metrics.get("demo_data"):
+        warnings.append(f"toy model: {metrics['demo_data']}")
+    confound = metrics.get("confound_audit") or {}
+    if confound.get("warning"):
+        auc = confound.get("roc_auc")
+        warnings.append("confound: file metadata alone (format, size) separates real from synthetic in its training "
+                        f"data{f' (ROC AUC {auc:.3f})' if isinstance(auc, (int, float)) else ''}; see its model card")
+    return warnings
+
+
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{float(value):.4f}"
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 # ---------------------------------------------------------------- model card
@@ -205,6 +224,8 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
     members = hyperparameters.get("members") or []
     member_names = ", ".join(f"`{m.get('backbone')}`" for m in members)
     lines = [f"# facetrace detector: {backbone} v{version if version is not None else '?'} ({stage})", ""]
+    if metrics.get("demo_data"):
+        lines += [f"> **Warning: toy model.** This detector was {metrics['demo_data']}.", ""]
     if confound.get("warning"):
         lines += [f"> **Warning: confound.** File metadata alone (format, width, height, file size) separates "
                   f"real from synthetic in this data with ROC AUC {confound.get('roc_auc'):.3f}. The data can be "

@@ -358,3 +358,31 @@ def snapshot_summary(catalog_url: str, split: SnapshotSplit) -> dict[str, Any]:
                     Counter(provenance.get(i) or "n/a" for i in ids).items()))}
                for (s, label), ids in sorted(by_source.items())]
     return {"id": split.snapshot_id, "image_count": len(split.images), "counts": split.counts(), "sources": sources}
+
+
+DEMO_REAL_SOURCE = "sample"  # scikit-image's 25x25 LFW thumbnails (`facetrace ingest sample`)
+DEMO_GENERATOR = "tiny"  # the tiny offline pipeline built in code (tasks/synthesis.py)
+
+
+def demo_data_note(catalog_url: str, split: SnapshotSplit) -> str | None:
+    """Why a model trained on this snapshot is a toy, or None: its real images are all the bundled
+    LFW thumbnails, or its synthetic ones all come from the tiny generator (the demo's data). Such a
+    detector tells tiny noise from thumbnails; it says nothing about real photos."""
+    from facetrace.db.engine import get_engine, session_scope
+
+    ids = [i.image_id for i in split.images]
+    with session_scope(get_engine(catalog_url)) as session:
+        real_kinds = set(session.scalars(select(Source.kind).join(Image, Image.source_id == Source.id).where(
+            Image.id.in_(ids), Image.label == "real").distinct()))
+        generators = set(session.execute(select(Generation.model_id).select_from(Image).outerjoin(
+            Generation, Generation.image_id == Image.id).where(Image.id.in_(ids), Image.label == "synthetic")
+            .distinct()).scalars())
+    parts = []
+    if real_kinds == {DEMO_REAL_SOURCE}:
+        parts.append("every real image is one of the bundled 25x25 LFW thumbnails (`ingest sample`)")
+    if generators == {DEMO_GENERATOR}:
+        parts.append("every synthetic image comes from the `tiny` offline generator")
+    if not parts:
+        return None
+    return ("trained on the demo's data: " + " and ".join(parts)
+            + "; a toy that says nothing about real photos, retrain on your own faces")

@@ -62,6 +62,23 @@ def test_the_migration_chain_is_linear(engine):
     assert len(heads) == 1, f"several migration heads: {heads}; chain new revisions after the current head"
 
 
+def test_the_quick_head_check_agrees_with_alembic(catalog_url):
+    """get_engine skips importing Alembic when the catalog is at the head read from the scripts' headers."""
+    from alembic.script import ScriptDirectory
+
+    from facetrace.db.engine import make_engine
+    from facetrace.db.migrate import at_head, head_revisions
+
+    assert head_revisions() == frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+    engine = make_engine(catalog_url)
+    assert not at_head(engine)  # a new catalog
+    upgrade(engine, "0002")
+    assert not at_head(engine)  # behind
+    upgrade(engine)
+    assert at_head(engine)
+    engine.dispose()
+
+
 def test_upgrade_is_idempotent(engine):
     upgrade(engine)
     upgrade(engine)  # a second process starting on a migrated catalog changes nothing

@@ -189,3 +189,162 @@ def test_sql_as_a_postgresql_superuser_cannot_read_server_files_or_run_programs(
     assert _sql(capsys, "SELECT pg_read_file('/etc/hostname')")[0] != 0
     code, out, _ = _sql(capsys, "SELECT COUNT(*) AS n FROM images")  # reading the catalog still works
     assert code == 0 and "3" in out
+
+
+# ---------------------------------------------------------------- output: width, JSON types, one-line errors
+
+def _register_model(settings, backbone: str, path: str, metrics: dict, hyperparameters: dict | None = None) -> int:
+    from facetrace.db.engine import get_engine, session_scope
+    from facetrace.db.models import Snapshot
+    from facetrace.tasks.registry import add_candidate
+
+    with session_scope(get_engine(settings.catalog_url)) as session:
+        snapshot = Snapshot(seed=0, image_count=0, content_hash="0" * 64)
+        session.add(snapshot)
+        session.flush()
+        return add_candidate(session, backbone=backbone, path=path, sha256="a" * 64, snapshot_id=snapshot.id,
+                             image_size=96, hyperparameters=hyperparameters or {}, metrics=metrics,
+                             threshold=0.25).id
+
+
+def test_tables_into_a_pipe_never_cut_a_value(sqlite_settings_env, capsys):
+    from facetrace.cli.main import main
+
+    long_path = "/models/" + "mobilenet_v2-" * 12 + "weights.keras"
+    _register_model(sqlite_settings_env, "mobilenet_v2_with_a_long_name", long_path, {"test": {"roc_auc": 1.0}})
+    capsys.readouterr()
+    assert main(["models"]) == 0  # capsys: stdout is not a terminal
+    out = capsys.readouterr().out
+    assert "mobilenet_v2_with_a_long_name" in out and "…" not in out
+    assert main(["sql", "SELECT path FROM models"]) == 0
+    out = capsys.readouterr().out
+    assert any(long_path in line for line in out.splitlines()), out
+
+
+def test_tables_through_cat_keep_whole_names(sqlite_settings_env):
+    """The console script into a real pipe, as `facetrace sql ... | cat` runs it."""
+    import os
+
+    from facetrace.db.engine import get_engine
+
+    get_engine(sqlite_settings_env.catalog_url)
+    name = "x" * 300
+    done = subprocess.run([FACETRACE, "sql", f"SELECT '{name}' AS name, 1 AS n"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    assert any(name in line for line in done.stdout.splitlines()), done.stdout
+
+
+def test_json_has_real_numbers_and_big_integers_as_strings(sqlite_settings_env, capsys):
+    from facetrace.cli.main import main
+
+    _register_model(sqlite_settings_env, "mobilenet_v2", "/m/model.keras",
+                    {"test": {"roc_auc": 0.875, "tpr_at_1pct_fpr": 0.5, "tpr_at_5pct_fpr": 1.0},
+                     "confound_audit": {"roc_auc": 0.625}})
+    capsys.readouterr()
+    assert main(["models", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["roc_auc"] == 0.875 and row["tpr@5%fpr"] == 1.0 and row["threshold"] == 0.25
+    assert row["confound_auc"] == 0.625 and isinstance(row["id"], int)
+
+    big = 2**53 + 1
+    assert main(["sql", f"SELECT {big} AS seed, {2**53} AS edge, 7 AS n, 0.5 AS x, NULL AS missing",
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"seed": str(big), "edge": 2**53, "n": 7, "x": 0.5, "missing": None}]
+
+
+def test_models_table_rounds_numbers_for_display(sqlite_settings_env, capsys):
+    from facetrace.cli.main import main
+
+    _register_model(sqlite_settings_env, "xception", "/m/x.keras", {"test": {"roc_auc": 0.123456789}})
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "0.1235" in out and "0.123456789" not in out
+
+
+def test_verbose_is_accepted_before_and_after_the_verb(sqlite_settings_env, capsys):
+    from facetrace.cli.main import main
+
+    assert main(["--verbose", "ingest", "folder"]) == 2
+    assert main(["ingest", "folder", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("facetrace ingest: `facetrace ingest folder` needs a PATH") == 2
+    assert "Traceback" in err  # --verbose: the traceback too
+
+
+# ---------------------------------------------------------------- after `make demo`: commands as printed
+
+def test_demo_summary_prints_commands_that_work_from_the_users_shell(sqlite_settings_env, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`facetrace` is not on PATH after `make demo` (no activated venv): the summary names the venv's script."""
+    import os
+    import shlex
+
+    from facetrace.cli.main import print_demo_summary
+
+    _populate(sqlite_settings_env, tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no venv on PATH, as in a fresh shell
+    monkeypatch.chdir(tmp_path)
+    print_demo_summary(12.0)
+    out = capsys.readouterr().out
+    lines = out[out.index("Where to look next"):].splitlines()
+    assert "source " in lines[0] and "activate" in lines[0]
+    printed = [line.split("  #")[0].strip() for line in lines[1:] if line.strip()]
+    exports = [line for line in printed if line.startswith("export ")]
+    commands = [line for line in printed if shlex.split(line)[0].endswith("facetrace")]
+    runnable = [c for c in commands if " predict " not in c and not c.endswith(" serve")]
+    assert any(c.endswith(" status") for c in runnable) and any(" sql " in c for c in runnable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACETRACE_")}
+    for command in runnable:
+        assert not command.startswith("facetrace "), command  # not on this PATH: it would be `command not found`
+        done = subprocess.run(["bash", "-c", "; ".join([*exports, command])], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        assert "no such table" not in done.stdout
+    assert any(shlex.split(c)[0].endswith("bin/facetrace") for c in runnable)
+
+
+def test_help_of_every_verb_imports_neither_tensorflow_nor_torch(tmp_path):
+    import os
+
+    from facetrace.cli.main import VERBS, build_parser
+
+    build_parser()  # registers every verb module's verbs
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from facetrace.cli.main import VERBS, main\n"
+        "for verb in ['--help', *sys.argv[1:]]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main([verb] if verb == '--help' else [verb, '--help'])\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    verbs = sorted(VERBS)
+    assert {"ingest", "train", "predict", "generate", "server", "demo"} <= set(verbs)
+    env = {**os.environ, "FACETRACE_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", probe, *verbs], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_failed_flow_run_is_one_line_on_stderr_and_the_traceback_is_in_verbose(prefect_harness, tmp_path):
+    """`prompts --llm openai` without a key fails inside the flow run: Prefect's console log of the
+    failed run (dozens of lines) stays off the terminal unless --verbose."""
+    from ingest_corpus import cli_env
+
+    env = cli_env(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'catalog.sqlite'}", tmp_path / "home",
+                  OPENAI_API_KEY="")
+    env.pop("PREFECT_LOGGING_LEVEL", None)  # Prefect's default (INFO), as a user has it
+    done = subprocess.run([FACETRACE, "prompts", "--count", "2", "--llm", "openai"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("facetrace prompts: no OpenAI API key")
+
+    verbose = subprocess.run([FACETRACE, "prompts", "--count", "2", "--llm", "openai", "--verbose"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == done.returncode
+    assert "Traceback" in verbose.stderr and "Finished in state Failed" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1].startswith("facetrace prompts: no OpenAI API key")

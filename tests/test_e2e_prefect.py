@@ -156,6 +156,9 @@ def test_inbox_faces_are_ingested_and_retraining_is_triggered_by_the_event(tmp_p
                     assert related_runs & completed_ingests, f"event {event.id} names no completed ingest run"
 
                 assert not later, "one drop of faces, one ingest event with new faces: one training run"
+                # Each catalogued file left the inbox for processed/ (same relative path): scans read only new files.
+                assert not [p for p in inbox.rglob("*") if p.is_file()]
+                assert len(list((data / "processed" / "drop-1").rglob("*.png"))) == 2 * FACES_PER_CLASS
                 assert train_run.state.is_completed(), f"{train_run.state}\n{serve.log_tail()}"
                 assert train_run.created_by is not None and train_run.created_by.type == "AUTOMATION", \
                     train_run.created_by

@@ -10,18 +10,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {}
+FLOW_VERBS: set[str] = set()  # verbs that run flows: they get a Prefect API first
+PRECHECKS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
 
-def verb(name: str):
+def verb(name: str, *, runs_flows: bool = False, precheck: Callable[[argparse.Namespace], None] | None = None):
+    """Register a verb's handler. ``runs_flows``: connect to a Prefect API before it runs, after
+    ``precheck`` (cheap argument checks that must answer before any server starts)."""
     def register(fn: Callable[[argparse.Namespace], int]):
         VERBS[name] = fn
+        if runs_flows:
+            FLOW_VERBS.add(name)
+        if precheck:
+            PRECHECKS[name] = precheck
         return fn
 
     return register
+
+
+def connect_prefect():
+    """A context in which flows talk to the configured Prefect API or this data root's own server."""
+    from facetrace.local_server import prefect_api
+    from facetrace.settings import get_settings
+
+    settings = get_settings()
+    return prefect_api(settings.data_dir, enabled=settings.local_server, announce=announce_server)
+
+
+def announce_server(state: dict) -> None:
+    print(f"facetrace: started a Prefect server for this data root; UI at {state['ui_url']} "
+          "(`facetrace server stop` stops it)", file=sys.stderr)
 
 
 class CLIError(Exception):
@@ -30,9 +54,58 @@ class CLIError(Exception):
 
 # ---------------------------------------------------------------- output helpers
 
+# JSON numbers are IEEE doubles in most readers (JavaScript, jq): integers beyond 2^53 lose digits
+# there, so they travel as strings. Everything else numeric stays a number.
+JSON_SAFE_INTEGER = 2**53
+
+
+def json_ready(value):
+    """``value`` with JSON-safe types: numbers as numbers, big integers and unknown types as strings."""
+    import datetime as dt
+    import decimal
+    import math
+
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value) if abs(value) > JSON_SAFE_INTEGER else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        return json_ready(int(value)) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return json_ready(value.item())
+    return str(value)
+
+
+def print_json(value) -> None:
+    print(json.dumps(json_ready(value), indent=2))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | None = None, fmt: str = "table") -> None:
+    """Rows as a table (default), CSV or JSON on stdout.
+
+    A table never cuts a value: on a terminal long cells wrap; into a pipe or a file the table is as
+    wide as its content (a terminal's width means nothing to ``cat`` or ``grep``).
+    """
     if fmt == "json":
-        print(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
+        print_json([dict(zip(columns, row)) for row in rows])
         return
     if fmt == "csv":
         import csv
@@ -46,29 +119,70 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence], title: str | N
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(str(column))
+        table.add_column(str(column), overflow="fold")
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
-    Console(width=max(120, Console().width)).print(table)
+        table.add_row(*[_cell(v) for v in row])
+    if sys.stdout.isatty():
+        console = Console()
+    else:  # as wide as the content needs: rich measures the table, so this is an upper bound only
+        console = Console(width=1_000_000, no_color=True, highlight=False, soft_wrap=True)
+    console.print(table)
 
 
 # ---------------------------------------------------------------- verbs
 
-@verb("ingest")
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from facetrace.flows.ingest import check_source, ingest_faces
+def check_ingest(args: argparse.Namespace) -> None:
+    from facetrace.tasks.sources import check_source
 
     if args.kind in ("folder", "zip") and not args.path:
         raise CLIError(f"`facetrace ingest {args.kind}` needs a PATH")
     # Before any run starts: a missing path or missing Kaggle credentials is one line, not a failed run.
     check_source(args.kind, path=args.path if args.kind != "kaggle" else None,
                  slug=args.path if args.kind == "kaggle" else None)
+
+
+@verb("ingest", runs_flows=True, precheck=check_ingest)
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from facetrace.flows.ingest import ingest_faces
+
+    if args.move_to and args.kind != "folder":
+        raise CLIError("--move-to applies to `ingest folder` only")
     result = ingest_faces(kind=args.kind, path=args.path if args.kind != "kaggle" else None, label=args.label,
-                          provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None)
+                          provenance=args.provenance, slug=args.path if args.kind == "kaggle" else None,
+                          archive_dir=args.move_to)
     rows = [(k, result[k]) for k in ("seen", "new", "duplicate", "quarantined")]
     rows += [(f"quarantined: {r}", n) for r, n in result["quarantined_by_reason"].items()]
+    rows += [(f"moved to {args.move_to}/{place}", n) for place, n in (result.get("moved") or {}).items() if n]
     print_table(["outcome", "files"], rows, title=f"ingest {args.kind} {result['source']}")
+    if result["seen"] == 0:
+        from facetrace.tasks.sources import IMAGE_SUFFIXES
+
+        print(f"facetrace ingest: nothing to ingest: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+              f"in {result['source']}", file=sys.stderr)
+        return 1
+    if result["quarantined"] == result["seen"]:
+        print(f"facetrace ingest: nothing catalogued: {nothing_catalogued(result['quarantined_by_reason'])}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+# What to do about the usual reasons a whole source is quarantined (the others name a defect of the files).
+QUARANTINE_HINTS = {
+    "unknown_label": "pass --label real|synthetic or use Real/ and AI/ folders",
+    "too_large": "raise FACETRACE_MAX_FILE_BYTES if these files are wanted",
+    "decompression_bomb": "raise FACETRACE_MAX_IMAGE_PIXELS if these images are wanted",
+    "too_small": "lower FACETRACE_MIN_IMAGE_SIDE if these images are wanted",
+    "label_conflict": "the same pictures arrived with the other label: check the labels of this source",
+}
+
+
+def nothing_catalogued(by_reason: dict[str, int]) -> str:
+    """One line: every file's quarantine reason, most common first, and the hint for the commonest."""
+    ranked = sorted(by_reason.items(), key=lambda item: -item[1])
+    line = f"all {sum(by_reason.values())} files quarantined (" + ", ".join(f"{r}: {n}" for r, n in ranked) + ")"
+    hint = next((QUARANTINE_HINTS[r] for r, _ in ranked if r in QUARANTINE_HINTS), None)
+    return f"{line}; {hint}" if hint else f"{line}; see `facetrace status`"
 
 
 @verb("status")
@@ -101,7 +215,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-@verb("demo")
+@verb("demo", runs_flows=True)
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -131,12 +245,13 @@ def print_demo_summary(elapsed_s: float) -> None:
     print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by label and source")
     print_table(["suite", "success", "critical failure"],
                 [(v.suite, v.success, v.critical_failure) for v in validation], title="validation (latest run)")
+    from facetrace.tasks.store import ArtifactStore
+
+    store = ArtifactStore.from_settings(settings)  # the catalog holds keys; print where they are
     docs = next((v.data_docs for v in validation if v.data_docs), None)
     if docs:
         site, found, _ = docs.partition("local_site")
-        from facetrace.tasks.store import ArtifactStore
-
-        print(f"data docs: {ArtifactStore.from_settings(settings).url_for(site + found + '/index.html' if found else docs)}")
+        print(f"data docs: {store.url_for(site + found + '/index.html' if found else docs)}")
     metric_names = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "f1", "ece")
     rows = []
     for m in models:
@@ -149,26 +264,57 @@ def print_demo_summary(elapsed_s: float) -> None:
               + (" -- WARNING: the classes can be told apart without looking at faces" if audit.get("warning") else ""))
     champion = next((m for m in models if m.stage == "champion"), None)
     if champion:
-        print(f"champion: model {champion.id} ({champion.backbone}) at {champion.path}")
+        print(f"champion: model {champion.id} ({champion.backbone}) at {store.url_for(champion.path)}")
         if champion.model_card:
-            print(f"model card: {champion.model_card}")
-    print(f"""
-Where to look next:
-  facetrace status
-  facetrace sql "SELECT * FROM images_by_source"
-  facetrace sql "SELECT sha256, prompt, model_id, seed, steps FROM synthetic_images LIMIT 5"
-  facetrace sql "SELECT id, backbone, stage, metrics FROM models" --format json
-  facetrace predict path/to/face.jpg
-  reports and data docs: {root / 'reports'}  {root / 'validation'}
-  Prefect UI: `prefect server start`, open http://127.0.0.1:4200, then
-              `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` and `facetrace serve`.""")
+            print(f"model card: {store.url_for(champion.model_card)}")
+        from facetrace.tasks.registry import model_warnings
+
+        for warning in model_warnings(champion.metrics):
+            if warning.startswith("toy"):  # the confound audit has its own line above
+                print(f"WARNING: {warning}")
+    ft = shell_command()
+    print("\nWhere to look next" + ("" if ft == "facetrace" else
+          " (or first `source " + str(Path(ft).parent / "activate") + "`, then plain `facetrace`)") + ":")
+    if os.environ.get("FACETRACE_DATA_DIR"):
+        print(f"  export FACETRACE_DATA_DIR={shlex.quote(str(root))}")
+    print(f"""  {ft} status
+  {ft} sql "SELECT * FROM images_by_source"
+  {ft} sql "SELECT sha256, prompt, model_id, seed, steps FROM synthetic_images LIMIT 5"
+  {ft} models
+  {ft} predict path/to/face.jpg
+  {ft} server status      # the Prefect UI with this demo's runs
+  {ft} serve              # schedules: inbox scans, nightly validation, retraining on new faces
+  reports and data docs: {root / 'reports'}  {root / 'validation'}""")
+    from facetrace.local_server import configured_api_url, running_server
+
+    api = configured_api_url()
+    state = None if api else running_server(settings.data_dir)
+    if state or api:
+        print(f"  Prefect UI: {state['ui_url'] if state else api.removesuffix('/api')}")
+
+
+def shell_command() -> str:
+    """How to call this facetrace from the user's shell: plain `facetrace` when that is what PATH finds,
+    else the virtual environment's script (relative to the current folder when under it)."""
+    import shutil
+
+    script = Path(sys.executable).with_name("facetrace")  # the venv's bin/, symlinks not resolved
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m facetrace.cli"
+    found = shutil.which("facetrace")
+    if found and Path(found).resolve() == script.resolve():
+        return "facetrace"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
 
 
 def _fmt(value) -> str:
     return "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-@verb("serve")
+@verb("serve", runs_flows=True)
 def cmd_serve(args: argparse.Namespace) -> int:
     from facetrace.deployments.serve import main as serve_main
 
@@ -184,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build and maintain detectors of AI-generated face images. "
         "Settings: FACETRACE_DATA_DIR (data root, default ./data), FACETRACE_DB_URL (catalog URL).",
     )
+    add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("ingest", help="ingest faces from a folder, zip, Kaggle dataset or the bundled sample")
@@ -192,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default ashwingupta3012/human-faces)")
     p.add_argument("--label", choices=["real", "synthetic"], help="label for every file (default: from Real/ and AI/ folders)")
     p.add_argument("--provenance", metavar="CSV", help="CSV with columns prompt,image_name for synthetic images")
+    p.add_argument("--move-to", metavar="DIR", help="folders only: move each catalogued file to DIR/processed/ and "
+                   "each quarantined one to DIR/rejected/ (default: leave the folder untouched)")
 
     sub.add_parser("status", help="catalog counts by label, source and status")
 
@@ -210,13 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", type=int, default=None, help="synthetic faces to generate (default: as many as real)")
 
     sub.add_parser("serve", help="serve all deployments (schedules, event-triggered retraining) from one process")
+    for subparser in sub.choices.values():
+        add_global_flags(subparser, top=False)
     return parser
 
 
 # Modules that add verbs: each defines add_parsers(sub) and registers handlers with @verb.
 # They must stay light at import time (no TensorFlow, torch or diffusers).
 VERB_MODULES: list[str] = ["facetrace.cli.prompts", "facetrace.cli.validate",
-                           "facetrace.cli.synthesis", "facetrace.cli.train"]
+                           "facetrace.cli.synthesis", "facetrace.cli.train", "facetrace.cli.server"]
 
 
 # Prefect's temporary server on a fresh PREFECT_HOME: its usage telemetry writes to the new SQLite
@@ -224,29 +375,58 @@ VERB_MODULES: list[str] = ["facetrace.cli.prompts", "facetrace.cli.validate",
 # before the 20 s start-up timeout (seen on a first `facetrace ingest`). Both stay overridable.
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+# Without --verbose, Prefect's console handler keeps quiet: a failed run's traceback (dozens of lines)
+# still reaches the run log in the API and the UI, while the terminal gets the one-line reason.
+QUIET_PREFECT = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL"}
+
+
+def one_line(text: str) -> str:
+    """A message on one line: a multi-line error (a server's log tail, say) joined with ' | '."""
+    return " | ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
+
+
+def add_global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before or after the verb: `facetrace --verbose ingest ...` and `facetrace ingest ... -v`.
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show Prefect's logs and the full traceback of a failure")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for name, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = args.verbose or os.environ.get("FACETRACE_DEBUG") == "1"
+    wanted = {**PREFECT_DEFAULTS, **({} if verbose else QUIET_PREFECT)}
+    added = {name: value for name, value in wanted.items() if name not in os.environ}
+    os.environ.update(added)
     try:
-        return VERBS[args.verb](args)
+        return run_verb(args, verbose)
+    finally:  # called in-process (tests, scripts): leave the environment as it was
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def run_verb(args: argparse.Namespace, verbose: bool) -> int:
+    try:
+        if args.verb in PRECHECKS:
+            PRECHECKS[args.verb](args)
+        if args.verb not in FLOW_VERBS:
+            return VERBS[args.verb](args)
+        with connect_prefect():
+            return VERBS[args.verb](args)
+    except KeyboardInterrupt as exc:
+        error, code, message = exc, 130, "interrupted"
     except CLIError as exc:
-        print(f"facetrace {args.verb}: {exc}", file=sys.stderr)
-        return 2
+        error, code, message = exc, 2, str(exc)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
-        print(f"facetrace {args.verb}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"facetrace {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line for users; FACETRACE_DEBUG=1 shows the traceback
-        if os.environ.get("FACETRACE_DEBUG") == "1":
-            raise
-        print(f"facetrace {args.verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        error, code, message = exc, 1, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one line for users; --verbose shows the traceback
+        error, code, message = exc, 1, f"{type(exc).__name__}: {exc}"
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error)
+    print(f"facetrace {args.verb}: {one_line(message)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

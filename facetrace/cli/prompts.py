@@ -22,7 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative", metavar="TEXT", help="negative prompt for every face (default none)")
 
 
-@verb("prompts")
+@verb("prompts", runs_flows=True)
 def cmd_prompts(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrace.cli.main import CLIError, print_table, verb
+from facetrace.cli.main import CLIError, print_json, print_table, verb
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
 
 
-@verb("generate")
+@verb("generate", runs_flows=True)
 def cmd_generate(args: argparse.Namespace) -> int:
     from facetrace.flows.generate import generate_synthetic_faces
     from facetrace.tasks.prompts import PromptGenerationError
@@ -64,10 +64,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@verb("reproduce")
+@verb("reproduce", runs_flows=True)
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import json
-
     from facetrace.flows.reproduce import NotGenerated, reproduce_image
     from facetrace.tasks.synthesis import ModelUnavailable
 
@@ -79,7 +77,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except (NotGenerated, ModelUnavailable) as exc:
         raise CLIError(str(exc)) from None
     if args.format == "json":
-        print(json.dumps(result, indent=2))
+        print_json(result)
     else:
         print_table(["field", "value"], list(result.items()), title=f"reproduce {result['sha256'][:16]}")
     if result["match"]:

@@ -6,13 +6,12 @@ Light at import time: Prefect flows and TensorFlow load only inside the verb tha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from facetrace.cli.main import CLIError, print_table, verb
+from facetrace.cli.main import CLIError, print_json, print_table, verb
+from facetrace.tasks.sources import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def add_parsers(sub) -> None:
@@ -37,7 +36,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
-@verb("train")
+@verb("train", runs_flows=True)
 def cmd_train(args: argparse.Namespace) -> int:
     from facetrace.flows.train import train_and_evaluate
     from facetrace.tasks.training import BACKBONES
@@ -110,7 +109,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
-    from facetrace.tasks.registry import resolve_model
+    from facetrace.tasks.registry import model_warnings, resolve_model
 
     settings = get_settings()
     paths = expand_paths(args.paths)
@@ -123,7 +122,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from None
         model_info = {"id": row.id, "backbone": row.backbone, "version": row.version, "path": row.path,
                       "sha256": row.sha256, "threshold": row.threshold if row.threshold is not None else 0.5,
-                      "hyperparameters": row.hyperparameters or {}}
+                      "hyperparameters": row.hyperparameters or {}, "warnings": model_warnings(row.metrics)}
+    for warning in model_info["warnings"]:  # before loading TensorFlow: seen even if the user stops here
+        print(f"facetrace predict: warning: model {model_info['id']}: {warning}", file=sys.stderr)
 
     from facetrace.tasks.training import TrainConfig, load_model, predict_files
 
@@ -135,9 +136,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = [p for p in predictions if p.error]
     label = f"{model_info['backbone']} v{model_info['version']} (model {model_info['id']})"
     if args.format == "json":
-        print(json.dumps({"model": {k: model_info[k] for k in ("id", "backbone", "version", "threshold")},
-                          "predictions": [{"path": p.path, "probability": p.probability, "decision": p.decision,
-                                           "error": p.error} for p in predictions]}, indent=2))
+        print_json({"model": {k: model_info[k] for k in ("id", "backbone", "version", "threshold", "warnings")},
+                    "predictions": [{"path": p.path, "probability": p.probability, "decision": p.decision,
+                                     "error": p.error} for p in predictions]})
     else:
         print_table(["path", "p(synthetic)", "decision", "error"],
                     [(p.path, "" if p.probability is None else f"{p.probability:.4f}", p.decision or "ERROR",

@@ -36,7 +36,7 @@ def print_summary(summary: dict, show_all: bool) -> None:
     print(f"data docs: {summary['data_docs'] or 'not built'}")
 
 
-@verb("validate")
+@verb("validate", runs_flows=True)
 def cmd_validate(args: argparse.Namespace) -> int:
     from facetrace.flows.validate import CriticalValidationFailure, validate_catalog
 
