@@ -133,7 +133,10 @@ class ArtifactStore:
         return Path(self._path(key))
 
     def url_for(self, key: str) -> str:
-        """Where a person (or another tool) finds ``key``: a local path, or the store URL of the object."""
+        """Where a person (or another tool) finds ``key``: a local path, or the store URL of the object.
+        An absolute path (a row from before keys, outside the data root) is shown as it is."""
+        if os.path.isabs(key):
+            return key
         return self._path(key) if self.local else f"{self.url}/{check_key(key)}"
 
     def key_of(self, path: str | os.PathLike) -> str | None:
