@@ -87,6 +87,12 @@ def test_gpu_and_cpu_workers_share_only_the_catalog_and_the_store(tmp_path, pg_c
     store_url = f"s3://{bucket}/facetrace"
     roots = {name: tmp_path / name for name in ("cpu-machine", "gpu-machine", "laptop")}
     faces = real_faces(tmp_path / "incoming" / "real", REAL_FACES)
+    picks_dir = tmp_path / "to-predict"  # the inbox deployment moves what it ingested out of `faces`
+    picks_dir.mkdir()
+    picks = []
+    for source in sorted(faces.iterdir())[:2]:
+        picks.append(str(picks_dir / source.name))
+        Path(picks[-1]).write_bytes(source.read_bytes())
 
     with PrefectServer(tmp_path / "prefect") as server:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FACETRACE_", "AWS_"))}
@@ -139,7 +145,6 @@ def test_gpu_and_cpu_workers_share_only_the_catalog_and_the_store(tmp_path, pg_c
 
         # A third machine, with nothing but the two addresses: predict with the champion, validate.
         laptop = machine("laptop")
-        picks = [str(p) for p in sorted(faces.iterdir())[:2]]
         predicted = subprocess.run([str(VENV_BIN / "facetrace"), "predict", *picks, "--format", "json"], env=laptop,
                                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert predicted.returncode == 0, predicted.stderr[-3000:]
