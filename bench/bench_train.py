@@ -122,6 +122,9 @@ def rows(workdir: Path) -> list[dict]:
     float32_rate = training_rate(tensors, labels, "xception", "float32")
     bfloat16_rate = training_rate(tensors, labels, "xception", "mixed_bfloat16")
     native = "yes" if training.cpu_has_bfloat16() else "no"
+    # What FACETRACE_TRAIN_PRECISION=auto decides from on this machine (bfloat16 only at >= 1.05x).
+    training.record_precision_probe("xception", float32_rate, bfloat16_rate)
+    chosen = training.resolve_precision("auto", "xception")
 
     # Prediction: batched files -> probabilities, vs one model call per file.
     model = training.build_model("mobilenet_v2", IMAGE_SIZE, None)
@@ -145,7 +148,7 @@ def rows(workdir: Path) -> list[dict]:
          "value": plain_steady, "unit": "images/s", "baseline": theirs_steady, "ratio": plain_steady / theirs_steady,
          "target": None},
         {"name": f"Xception training, images/s per epoch after the first, mixed_bfloat16 vs float32 "
-                 f"({IMAGE_SIZE} px; CPU with native bfloat16: {native})",
+                 f"({IMAGE_SIZE} px; CPU with native bfloat16: {native}; auto now picks {chosen})",
          "value": bfloat16_rate, "unit": "images/s", "baseline": float32_rate, "ratio": bfloat16_rate / float32_rate,
          "target": None},
         {"name": "predict throughput, batched files (vs one call per image)", "value": batched, "unit": "images/s",

@@ -6,9 +6,13 @@ the rest is split again by group into train and validation (early stopping and t
 of all folds are pooled for the headline ROC AUC and TPR at 5% FPR; per-fold mean and spread are
 shown beside them, with the wall time of each fit.
 
-    FACETRACE_DATA_DIR=/tmp/dev .venv/bin/python bench/crossval.py --folds 5 [--backbones mobilenet_v2,xception]
+    FACETRACE_DATA_DIR=/tmp/dev .venv/bin/python bench/crossval.py --folds 5 --seeds 0,1,2 [--backbones ...]
 
-Writes the table to stdout and a JSON record (``--out``, default ``bench/out/crossval.json``, not committed).
+Every seed draws its own folds and initialisation. Per seed and fold it records ROC AUC, TPR at 1% and
+5% FPR, and the realised test FPR at the threshold a registered model would get (the operating-point
+rule of the settings, on the validation scores with the test-time flip), beside the target; the last
+table gives mean and sd over the seeds. Writes the tables to stdout and a JSON record (``--out``,
+default ``bench/out/crossval.json``, not committed).
 """
 
 from __future__ import annotations
@@ -68,16 +72,75 @@ def report(record: dict, out: str | None) -> None:
         Path(out).write_text(json.dumps(record, indent=2, default=float))
 
 
+SPREAD_METRICS = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "realised_fpr")
+
+
+def seed_summary(records: list[dict]) -> dict[str, dict]:
+    """Per backbone: each seed's fold means of the spread metrics, and their mean and sd over seeds."""
+    summary: dict[str, dict] = {}
+    for backbone in records[0]["results"]:
+        per_seed = []
+        for record in records:
+            folds = record["results"][backbone]["per_fold"]
+            per_seed.append({"seed": record.get("seed"),
+                             **{k: float(np.nanmean([f[k] for f in folds])) for k in SPREAD_METRICS},
+                             "target_fpr": folds[0]["target_fpr"], "threshold_rule": folds[0]["threshold_rule"],
+                             "folds_over_target": sum(f["realised_fpr"] > f["target_fpr"] for f in folds),
+                             "folds": len(folds)})
+        summary[backbone] = {"per_seed": per_seed, **{
+            k: {"mean": float(np.mean([s[k] for s in per_seed])),
+                "sd": float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else float("nan")}
+            for k in SPREAD_METRICS}}
+    return summary
+
+
+def report_seeds(records: list[dict], out: str | None) -> None:
+    """Per fold (every seed) and mean ± sd over seeds of fold-mean ROC AUC, TPR at 1% and 5% FPR and
+    the realised FPR at the registered threshold; writes every seed's record and the summary."""
+    summary = seed_summary(records)
+    print(f"\nPer fold ({len(records)} seeds): realised test FPR at the registered threshold vs the target\n")
+    print("| backbone | seed | fold | test reals | ROC AUC | TPR@1%FPR | TPR@5%FPR | threshold rule | realised FPR "
+          "| expected FPR (95%) | target | realised FPR, empirical rule |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    for record in records:
+        for backbone, r in record["results"].items():
+            for f in r["per_fold"]:
+                lo, hi = f["expected_fpr_interval"]
+                print(f"| {backbone} | {record.get('seed')} | {f['fold']} | {f['test_reals']} | {f['roc_auc']:.3f} | "
+                      f"{f['tpr_at_1pct_fpr']:.3f} | {f['tpr_at_5pct_fpr']:.3f} | {f['threshold_rule']} | "
+                      f"{f['realised_fpr']:.3f} | {lo:.3f}-{hi:.3f} | {f['target_fpr']:.2f} | "
+                      f"{f['realised_fpr_empirical_rule']:.3f} |")
+    print(f"\nMean ± sd over seeds {', '.join(str(r.get('seed')) for r in records)} (each seed: the mean over "
+          "its folds)\n")
+    print("| backbone | ROC AUC | TPR@1%FPR | TPR@5%FPR | realised FPR at registered threshold | folds over target |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for backbone, b in summary.items():
+        over = sum(s["folds_over_target"] for s in b["per_seed"])
+        total = sum(s["folds"] for s in b["per_seed"])
+        print(f"| {backbone} | " + " | ".join(f"{b[k]['mean']:.3f} ± {b[k]['sd']:.3f}" for k in SPREAD_METRICS)
+              + f" | {over} of {total} |")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"seeds": records, "summary": summary}, indent=2, default=float))
+
+
 def combine(files: list[str], out: str | None) -> int:
-    """Merge records of runs over the same catalog, folds and seed (one backbone each) into one table."""
-    records = [json.loads(Path(f).read_text()) for f in files]
-    first = records[0]
-    for other in records[1:]:
-        if (other["sha256"], other["fold_of"]) != (first["sha256"], first["fold_of"]):
-            raise SystemExit("these runs did not use the same images and folds; they cannot be combined")
-    merged = {**{k: v for k, v in first.items() if k != "ensemble"}, "seconds": sum(r["seconds"] for r in records),
-              "results": {k: v for r in records for k, v in r["results"].items()}}
-    report(merged, out)
+    """Merge records of runs over the same catalog, folds and seeds (one backbone each) into one table."""
+    loaded = []
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        loaded.append(data["seeds"] if "seeds" in data else [data])
+    merged_seeds = []
+    for per_seed in zip(*loaded):
+        first = per_seed[0]
+        for other in per_seed[1:]:
+            if (other["sha256"], other["fold_of"]) != (first["sha256"], first["fold_of"]):
+                raise SystemExit("these runs did not use the same images and folds; they cannot be combined")
+        merged = {**{k: v for k, v in first.items() if k != "ensemble"}, "seconds": sum(r["seconds"] for r in per_seed),
+                  "results": {k: v for r in per_seed for k, v in r["results"].items()}}
+        report(merged, None)
+        merged_seeds.append(merged)
+    report_seeds(merged_seeds, out)
     return 0
 
 
@@ -85,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
     from facetrace.tasks import training
-    from facetrace.tasks.evaluation import binary_metrics
-    from facetrace.tasks.registry import choose_threshold
-    from facetrace.tasks.splits import assign_groups, group_items, grouped_folds, load_split_items
+    from facetrace.tasks.splits import group_items, load_split_items
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, default=5)
@@ -107,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-format-neutral", action="store_true")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--only-folds", help="comma-separated fold numbers to run (quick checks)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds, each with its own folds and initialisation (default 0,1,2; "
+                             "mean and sd over them are reported); empty: --seed only")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("FACETRACE_TRAIN_THREADS", "2")))
     parser.add_argument("--out", default=str(Path(__file__).with_name("out") / "crossval.json"))
     parser.add_argument("--combine", nargs="+", metavar="JSON",
@@ -123,14 +187,31 @@ def main(argv: list[str] | None = None) -> int:
     labels = [item.label for item in items]
     y = np.array([int(label == "synthetic") for label in labels], np.float32)
     groups = group_items(items, settings.near_duplicate_distance)
-    folds = np.array(grouped_folds(groups, labels, args.folds, args.seed))
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    records = []
+    for seed in seeds:
+        record = run_seed(seed, args, settings, items, paths, labels, y, groups)
+        report(record, None)
+        records.append(record)
+    report_seeds(records, args.out)
+    return 0
+
+
+def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict:
+    """One seed: its own grouped folds, a fit per fold and backbone; the record :func:`report` prints."""
+    from facetrace.tasks import training
+    from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.registry import operating_point
+    from facetrace.tasks.splits import assign_groups, grouped_folds
+
+    folds = np.array(grouped_folds(groups, labels, args.folds, seed))
     print(f"{len(items)} images ({int(y.sum())} synthetic) in {len(set(groups))} groups, {args.folds} folds: "
           + ", ".join(f"{int((folds == f).sum())}" for f in range(args.folds)), file=sys.stderr)
 
     results: dict[str, dict] = {}
     started_all = time.perf_counter()
     for backbone in args.backbones.split(","):
-        config = training.default_config(backbone, image_size=args.image_size, epochs=args.epochs, seed=args.seed)
+        config = training.default_config(backbone, image_size=args.image_size, epochs=args.epochs, seed=seed)
         if args.learning_rate:
             config = replace(config, learning_rate=args.learning_rate)
         if args.width:
@@ -166,26 +247,39 @@ def main(argv: list[str] | None = None) -> int:
             test = np.flatnonzero(folds == fold)
             rest = np.flatnonzero(folds != fold)
             inner = assign_groups([groups[i] for i in rest], [labels[i] for i in rest],
-                                  {"train": 0.85, "validation": 0.15}, args.seed + fold)
+                                  {"train": 0.85, "validation": 0.15}, seed + fold)
             train = rest[[part == "train" for part in inner]]
             val = rest[[part == "validation" for part in inner]]
             out_dir = settings.data_dir / "cache" / "crossval-models" / f"{backbone}-fold{fold}"
             fitted = training.train_backbone(tensors[train], y[train], tensors[val], y[val], config, out_dir,
                                              threads=args.threads)
             model = training.load_model(fitted.path, fitted.sha256)
-            threshold = choose_threshold(y[val], training.predict_scores(model, tensors[val]), 0.05)
+            flip = config.test_time_flip
+            # The threshold a registered model gets: the settings' rule on flipped validation scores.
+            point = operating_point(y[val], training.predict_scores(model, tensors[val], flip=flip),
+                                    settings.target_fpr, settings.threshold_rule)
+            empirical = operating_point(y[val], training.predict_scores(model, tensors[val], flip=flip),
+                                        settings.target_fpr, "empirical")
             scores[test] = training.predict_scores(model, tensors[test])
             mirrored[test] = training.predict_scores(model, np.ascontiguousarray(tensors[test][:, :, ::-1]))
-            m = binary_metrics(y[test], scores[test], threshold)
+            registered = (scores[test] + mirrored[test]) / 2 if flip else scores[test]
+            m = binary_metrics(y[test], registered, point["threshold"])
             per_fold.append({"fold": fold, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-                             "roc_auc": m["roc_auc"], "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"],
-                             "accuracy": m["accuracy"], "seconds": fitted.seconds, "epochs": fitted.epochs_run,
-                             "best_epoch": fitted.best_epoch})
+                             "roc_auc": m["roc_auc"], "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
+                             "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "accuracy": m["accuracy"],
+                             "threshold": point["threshold"], "threshold_rule": point["rule"],
+                             "target_fpr": settings.target_fpr, "realised_fpr": m["fpr"],
+                             "expected_fpr_interval": point["fpr_interval"], "validation_reals": point["real_faces"],
+                             "test_reals": int(len(test) - y[test].sum()),
+                             "realised_fpr_empirical_rule": binary_metrics(y[test], registered,
+                                                                           empirical["threshold"])["fpr"],
+                             "seconds": fitted.seconds, "epochs": fitted.epochs_run, "best_epoch": fitted.best_epoch})
             del model
             _release_memory()
-            print(f"  {backbone} fold {fold}: AUC {m['roc_auc']:.3f} TPR@5% {m['tpr_at_5pct_fpr']:.3f} "
-                  f"acc {m['accuracy']:.3f} ({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best "
-                  f"{fitted.best_epoch})", file=sys.stderr)
+            print(f"  {backbone} seed {seed} fold {fold}: AUC {m['roc_auc']:.3f} TPR@1% {m['tpr_at_1pct_fpr']:.3f} "
+                  f"TPR@5% {m['tpr_at_5pct_fpr']:.3f} FPR {m['fpr']:.3f} (target {settings.target_fpr}, "
+                  f"{point['rule']}; empirical rule {per_fold[-1]['realised_fpr_empirical_rule']:.3f}) "
+                  f"({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best {fitted.best_epoch})", file=sys.stderr)
         done = ~np.isnan(scores)
         pooled = binary_metrics(y[done], scores[done], 0.5)
         flipped = binary_metrics(y[done], (scores[done] + mirrored[done]) / 2, 0.5)
@@ -202,11 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_fit": float(np.mean([f["seconds"] for f in per_fold])),
         }
     total = time.perf_counter() - started_all
-    record = {"folds": args.folds, "images": len(items), "seconds": total,
-              "sha256": [item.sha256 for item in items], "labels": y.tolist(), "fold_of": folds.tolist(),
-              "results": results}
-    report(record, args.out)
-    return 0
+    return {"folds": args.folds, "seed": seed, "images": len(items), "seconds": total,
+            "sha256": [item.sha256 for item in items], "labels": y.tolist(), "fold_of": folds.tolist(),
+            "results": results}
 
 
 if __name__ == "__main__":

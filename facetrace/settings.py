@@ -66,17 +66,29 @@ class Settings(BaseSettings):
     # same 660 s than one after the other (measured on 840 images: MobileNetV2 18 vs 19 epochs,
     # Xception 7 vs 4): one fit alone leaves part of the CPU idle (input pipeline, callbacks).
     train_parallel: int = 2
-    # Compute precision of the fits: auto (bfloat16 for Xception on a CPU with native bfloat16: 1.15x
-    # to 1.7x faster per epoch here, see `make bench`), float32, or mixed_bfloat16 for every backbone.
+    # Compute precision of the fits: auto (bfloat16 for Xception only on a CPU with native bfloat16 where
+    # `make bench` measured it >= 1.05x float32 on this machine, cached in <data>/cache/precision-probe.json;
+    # else float32), float32, or mixed_bfloat16 for every backbone.
     train_precision: Literal["auto", "float32", "mixed_bfloat16"] = "auto"
     train_ensemble: bool = True  # the backbones' mean is a candidate too (when they share an input size)
     # Wall-clock seconds for all fits of one run (schedules adapt to it). 600 s of fits kept a whole
     # `facetrace train` on 1,200 images under 15 minutes on 2 cores (see README).
     train_time_budget_s: float = 600.0
-    weights_dir: Path | None = None  # Keras no-top ImageNet .h5 files; absent: ~/.keras/models, else random init
-    target_fpr: float = 0.05  # the decision threshold keeps validation false positives at or below this
+    weights_dir: Path | None = None  # a folder of Keras no-top ImageNet .h5 files used as they are (no fetch)
+    # Where ImageNet weights are fetched from: None = Keras' own origin; or a folder / an http(s) base URL
+    # holding Keras' file names (air-gapped sites). Cached under <data_dir>/cache/keras/models.
+    weights_mirror: str | None = None
+    weights_timeout_s: float = 10.0  # network timeout of a fetch; then random initialisation (with a warning)
+    target_fpr: float = 0.05  # the FPR the decision threshold is chosen for
+    # upper_bound: the exact 95% upper confidence bound of the FPR on the validation reals <= target_fpr
+    # (holds on new faces); empirical: the validation FPR itself <= target_fpr (noisy on ~100 reals).
+    threshold_rule: Literal["upper_bound", "empirical"] = "upper_bound"
+    bootstrap_resamples: int = 1000  # stratified, seeded bootstrap for every metric's 95% interval and the gate
     champion_metric: str = "roc_auc"  # ties broken by TPR at 1% FPR
     champion_margin: float = 0.005  # a candidate must beat the champion by this much to replace it
+    # Models kept on disk besides the champion (the most recent); older artifacts are deleted after each
+    # training run and their catalog rows marked pruned (metrics JSON), never removed.
+    keep_candidates: int = 6
     robustness_images: int = 300  # test images (stratified sample) for the robustness table
 
     # Validation (expectations/): what a healthy catalog looks like; critical failures block training.

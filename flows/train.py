@@ -183,7 +183,8 @@ def train_and_evaluate(
 
     evaluations = {b: publish_reports(evaluate_model(trained[b], split, tensor_files[preprocess[b]],
                                                      report_stages[b].dir, data_dir, target_fpr,
-                                                     settings.robustness_images), report_stages[b])
+                                                     settings.robustness_images, settings.threshold_rule,
+                                                     settings.bootstrap_resamples), report_stages[b])
                    for b in trained}
     summary = snapshot_summary(url, split)
     summary["demo_data"] = demo_data_note(url, split)
@@ -204,10 +205,12 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
     with session_scope(get_engine(url)) as session:
         for b, model in trained.items():
             e = evaluations[b]
-            metrics = {"test": e["test"], "validation": e["validation"], "per_source": e["per_source"],
+            metrics = {"test": e["test"], "validation": e["validation"], "operating_point": e.get("operating_point"),
+                       "per_source": e["per_source"],
                        "robustness": e["robustness"], "confound_audit": confound, "reports": e["files"],
                        "demo_data": summary.get("demo_data"),  # a toy's reason (predict and the card warn)
-                       "training": {"weights": model.weights, "epochs_run": model.epochs_run,
+                       "training": {"weights": model.weights, "weights_source": model.weights_source,
+                                    "epochs_run": model.epochs_run,
                                     "best_epoch": model.best_epoch, "seconds": round(model.seconds, 1),
                                     "history": model.history, "tensorboard": model.tensorboard}}
             row = registry.add_candidate(
@@ -224,30 +227,33 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
             "test": (champion.metrics or {}).get("test", {})}
 
     best = trained[best_backbone]
+    paired = None
     if champion_info is None:
         decision = registry.gate(evaluations[best_backbone]["test"], None, primary_metric, margin)
         compared_on = 0
     else:
-        if champion_info["snapshot_id"] == split.snapshot_id:
-            champion_metrics, candidate_metrics = champion_info["test"], evaluations[best_backbone]["test"]
-            compared_on = int(candidate_metrics.get("n") or 0)
-        else:
-            try:
-                champion_metrics, candidate_metrics, compared_on = score_against_champion(
-                    champion_info, {"path": best.path, "sha256": best.sha256, "hyperparameters": best.hyperparameters,
-                                    "threshold": evaluations[best_backbone]["threshold"]},
-                    split, settings.data_dir, url)
-            except (FileNotFoundError, ValueError) as exc:
-                # A champion whose artifact is gone or altered cannot defend its place.
-                logger.warning("champion %d cannot be scored (%s); it is replaced", champion_info["id"], exc)
-                champion_metrics, candidate_metrics, compared_on = None, evaluations[best_backbone]["test"], 0
-        decision = registry.gate(candidate_metrics, champion_metrics, primary_metric, margin)
+        # Both scored on the same test images (the champion's own snapshot included), so the gate can
+        # judge the difference with a paired bootstrap rather than two separately noisy figures.
+        try:
+            champion_metrics, candidate_metrics, compared_on, paired = score_against_champion(
+                champion_info, {"path": best.path, "sha256": best.sha256, "hyperparameters": best.hyperparameters,
+                                "threshold": evaluations[best_backbone]["threshold"]},
+                split, settings.data_dir, url, primary_metric, settings.bootstrap_resamples)
+        except (FileNotFoundError, ValueError) as exc:
+            # A champion whose artifact is gone or altered cannot defend its place.
+            logger.warning("champion %d cannot be scored (%s); it is replaced", champion_info["id"], exc)
+            champion_metrics, candidate_metrics, compared_on = None, evaluations[best_backbone]["test"], 0
+        decision = registry.gate(candidate_metrics, champion_metrics, primary_metric, margin, paired=paired)
         if champion_metrics is None:
             decision = registry.GateDecision(True, f"champion {champion_info['id']} unavailable: replaced")
     logger.info("registry: best candidate %s (model %d): %s", best_backbone, ids[best_backbone], decision.reason)
 
     with session_scope(get_engine(url)) as session:
         archived = registry.promote(session, ids[best_backbone]) if decision.promote else None
+        pruned = registry.prune_models(session, settings.keep_candidates)
+        if pruned:
+            logger.info("retention: artifacts of models %s deleted (FACETRACE_KEEP_CANDIDATES=%d)",
+                        ", ".join(map(str, pruned)), settings.keep_candidates)
         rows = {b: session.get(registry.Model, ids[b]) for b in trained}
         for b, row in rows.items():
             card = registry.model_card_markdown(
@@ -282,4 +288,5 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
               for b in trained}
     return {"snapshot_id": split.snapshot_id, "models": models,
             "best": best_backbone, "promoted": decision.promote, "decision": decision.reason,
-            "compared_on": compared_on, "archived": archived, "confound_audit": confound}
+            "compared_on": compared_on, "archived": archived, "pruned": pruned, "paired": paired,
+            "confound_audit": confound}

@@ -98,6 +98,98 @@ def binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: fl
     }
 
 
+INTERVAL_METRICS = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "precision", "recall", "f1",
+                    "fpr", "ece")
+
+
+def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Mann-Whitney ROC AUC (ties count one half)."""
+    negative = np.sort(negative)
+    below = np.searchsorted(negative, positive, side="left")
+    at_or_below = np.searchsorted(negative, positive, side="right")
+    return float((below + at_or_below).sum() / (2.0 * len(positive) * len(negative)))
+
+
+def _tpr_at(positive: np.ndarray, negative_desc: np.ndarray, target_fpr: float) -> float:
+    """As :func:`tpr_at_fpr`: positives above the highest real score that must be rejected."""
+    allowed = int(math.floor(target_fpr * len(negative_desc) + 1e-9))
+    if allowed >= len(negative_desc):
+        return 1.0
+    return float((positive > negative_desc[allowed]).mean())
+
+
+def resample_metrics(positive: np.ndarray, negative: np.ndarray, threshold: float) -> dict[str, float]:
+    """The headline metrics of one (re)sample given as positive and negative scores (both non-empty)."""
+    tp = int((positive >= threshold).sum())
+    fp = int((negative >= threshold).sum())
+    fn, tn = len(positive) - tp, len(negative) - fp
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / len(positive)
+    negative_desc = np.sort(negative)[::-1]
+    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+    return {"roc_auc": _auc(positive, negative), "tpr_at_1pct_fpr": _tpr_at(positive, negative_desc, 0.01),
+            "tpr_at_5pct_fpr": _tpr_at(positive, negative_desc, 0.05), "accuracy": (tp + tn) / len(labels),
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "fpr": fp / len(negative), "ece": expected_calibration_error(labels, np.r_[positive, negative])}
+
+
+def bootstrap_intervals(labels: Sequence[int], scores: Sequence[float], threshold: float, *, resamples: int = 1000,
+                        seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Percentile bootstrap intervals of every headline metric over these (test) images.
+
+    Stratified: each resample draws the real and the synthetic faces separately with replacement,
+    so every resample has the split's class counts. Seeded: the same scores give the same intervals.
+    Returned with the counts they rest on (real faces set how fine the FPR-based figures can be:
+    on 98 real faces, "TPR at 1% FPR" rests on a single real face).
+    """
+    y = np.asarray(labels, int)
+    p = np.asarray(scores, float)
+    positive, negative = p[y == 1], p[y == 0]
+    counts = {"n": int(len(y)), "synthetic": int(len(positive)), "real": int(len(negative)),
+              "resamples": int(resamples), "confidence": confidence, "method": "stratified percentile bootstrap"}
+    if len(positive) == 0 or len(negative) == 0 or resamples < 1:
+        return {**counts, "metrics": {}}
+    rng = np.random.default_rng(seed)
+    draws = {name: np.empty(resamples) for name in INTERVAL_METRICS}
+    for r in range(resamples):
+        values = resample_metrics(positive[rng.integers(0, len(positive), len(positive))],
+                                  negative[rng.integers(0, len(negative), len(negative))], threshold)
+        for name in INTERVAL_METRICS:
+            draws[name][r] = values[name]
+    tail = (1 - confidence) / 2 * 100
+    return {**counts, "metrics": {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+                                  for name, values in draws.items()}}
+
+
+def paired_difference(labels: Sequence[int], candidate: Sequence[float], champion: Sequence[float],
+                      metric: str = "roc_auc", *, threshold_candidate: float = 0.5, threshold_champion: float = 0.5,
+                      resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Candidate minus champion on ``metric``, scored on the same images, with a paired bootstrap
+    interval: each resample draws images (stratified by class) and scores both models on the same draw,
+    so what the two share (easy and hard faces) cancels out of the difference."""
+    y = np.asarray(labels, int)
+    a, b = np.asarray(candidate, float), np.asarray(champion, float)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        return {"metric": metric, "delta": None, "interval": None, "n": int(len(y)), "resamples": 0}
+
+    def value(scores: np.ndarray, p: np.ndarray, n: np.ndarray, threshold: float) -> float:
+        return resample_metrics(scores[p], scores[n], threshold)[metric]
+
+    delta = value(a, pos, neg, threshold_candidate) - value(b, pos, neg, threshold_champion)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for r in range(resamples):
+        p, n = pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]
+        diffs[r] = value(a, p, n, threshold_candidate) - value(b, p, n, threshold_champion)
+    tail = (1 - confidence) / 2 * 100
+    return {"metric": metric, "delta": float(delta),
+            "interval": [float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))],
+            "n": int(len(y)), "real": int(len(neg)), "synthetic": int(len(pos)), "resamples": int(resamples),
+            "confidence": confidence}
+
+
 def per_source(sources: Sequence[str], labels: Sequence[int], scores: Sequence[float],
                threshold: float) -> list[dict[str, Any]]:
     """Accuracy and mean score per (source, label): where the errors come from."""
@@ -379,13 +471,14 @@ def data_uri(path: str | Path) -> str:
 
 def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, split, tensors: dict[str, np.ndarray],
                       report_dir: Path, *, data_dir: Path, explained, last_conv: str, title: str,
-                      target_fpr: float = 0.05, robustness_images: int = 400) -> dict[str, Any]:
+                      target_fpr: float = 0.05, robustness_images: int = 400, threshold_rule: str = "upper_bound",
+                      bootstrap_resamples: int = 1000) -> dict[str, Any]:
     """Everything about one trained detector on one snapshot: threshold (validation), test metrics,
     per-source breakdown, robustness table, plots and Grad-CAM files. Returns a JSON-safe dict.
 
     ``score``: prepared uint8 images -> P(synthetic), as the detector predicts (test-time flip and
     all). ``explained``: the network whose ``last_conv`` layer Grad-CAM looks into."""
-    from facetrace.tasks.registry import choose_threshold
+    from facetrace.tasks.registry import operating_point
     from facetrace.tasks.store import ObjectCache, image_paths
     from facetrace.tasks.training import prepare_bytes
 
@@ -396,8 +489,10 @@ def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, spl
     y_test = np.array([i.target for i in test_items])
     val_scores = score(tensors["validation"])
     test_scores = score(tensors["test"])
-    threshold = choose_threshold(y_val, val_scores, target_fpr) if len(val_items) else 0.5
+    point = operating_point(y_val, val_scores, target_fpr, threshold_rule) if len(val_items) else None
+    threshold = point["threshold"] if point else 0.5
     test = binary_metrics(y_test, test_scores, threshold)
+    test["intervals"] = bootstrap_intervals(y_test, test_scores, threshold, resamples=bootstrap_resamples)
     validation = binary_metrics(y_val, val_scores, threshold) if len(val_items) else {}
     sources = per_source([i.source for i in test_items], y_test, test_scores, threshold)
 
@@ -432,7 +527,8 @@ def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, spl
             report_dir / "gradcam.png", f"{title}: Grad-CAM ({last_conv})", overlays=list(heat)))
     np.savez_compressed(report_dir / "scores.npz", test_ids=[i.image_id for i in test_items], test_scores=test_scores,
                         validation_ids=[i.image_id for i in val_items], validation_scores=val_scores)
-    return clean_json({"threshold": threshold, "target_fpr": target_fpr, "test": test, "validation": validation,
+    return clean_json({"threshold": threshold, "target_fpr": target_fpr, "operating_point": point,
+                       "test": test, "validation": validation,
                        "per_source": sources, "robustness": robustness, "files": files})
 
 
@@ -440,11 +536,17 @@ def report_markdown(title: str, evaluation: Mapping[str, Any], confound: Mapping
                     embed: bool = True) -> str:
     """The evaluation as markdown (a Prefect artifact and report.md), plots embedded when ``embed``."""
     test = evaluation["test"]
-    lines = [f"# {title}", "", f"Decision threshold {evaluation['threshold']:.4f} (validation, FPR <= "
-             f"{evaluation['target_fpr']:.0%}).", "", "| metric | test |", "|---|---:|"]
+    from facetrace.tasks.registry import operating_point_text
+
+    intervals = (test.get("intervals") or {}).get("metrics") or {}
+    lines = [f"# {title}", "", f"Decision threshold {evaluation['threshold']:.4f}: "
+             f"{operating_point_text(evaluation.get('operating_point'))}.", "",
+             "| metric | test | 95% interval |", "|---|---:|---:|"]
     for key in ("n", "roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "precision", "recall", "f1", "ece"):
         value = test.get(key)
-        lines.append(f"| {key} | {'' if value is None else (f'{value:.4f}' if isinstance(value, float) else value)} |")
+        shown = '' if value is None else (f'{value:.4f}' if isinstance(value, float) else value)
+        interval = f"{intervals[key][0]:.4f}-{intervals[key][1]:.4f}" if key in intervals else ""
+        lines.append(f"| {key} | {shown} | {interval} |")
     if confound:
         auc = confound.get("roc_auc")
         warning = (" — **WARNING: the classes are separable from file metadata alone.**"
@@ -478,7 +580,8 @@ def audit_confounds(split: SnapshotSplit) -> dict[str, Any]:
 
 @task(name="evaluate-model", cache_policy=NO_CACHE, task_run_name="evaluate-{trained.backbone}")
 def evaluate_model(trained: TrainedModel, split: SnapshotSplit, tensor_files: dict[str, str], report_dir: Path,
-                   data_dir: Path, target_fpr: float, robustness_images: int) -> dict[str, Any]:
+                   data_dir: Path, target_fpr: float, robustness_images: int,
+                   threshold_rule: str = "upper_bound", bootstrap_resamples: int = 1000) -> dict[str, Any]:
     """Load the saved model (safe mode, sha256 checked) and evaluate it on its snapshot."""
     from facetrace.tasks.training import SCORES, TrainConfig, backbone_spec, load_model, load_tensors
 
@@ -502,14 +605,18 @@ def evaluate_model(trained: TrainedModel, split: SnapshotSplit, tensor_files: di
     return evaluate_detector(score, config.preprocess, split, load_tensors(tensor_files), report_dir,
                              data_dir=data_dir, explained=explained, last_conv=last_conv,
                              title=f"{trained.backbone} (snapshot {split.snapshot_id})", target_fpr=target_fpr,
-                             robustness_images=robustness_images)
+                             robustness_images=robustness_images, threshold_rule=threshold_rule,
+                             bootstrap_resamples=bootstrap_resamples)
 
 
 @task(name="score-champion", cache_policy=NO_CACHE)
 def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], split: SnapshotSplit,
-                           data_dir: Path, catalog_url: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+                           data_dir: Path, catalog_url: str, primary: str = "roc_auc",
+                           resamples: int = 1000) -> tuple[dict[str, Any], dict[str, Any], int, dict[str, Any]]:
     """Champion and candidate scored on the same test images: the new snapshot's test split, minus any
-    image the champion trained or validated on (it would otherwise be judged on faces it has seen)."""
+    image the champion trained or validated on (it would otherwise be judged on faces it has seen).
+    Returns both metrics (each with bootstrap intervals), the image count, and the paired bootstrap
+    of the difference in ``primary`` (candidate minus champion) the gate decides on."""
     from sqlalchemy import select
 
     from facetrace.db.engine import get_engine, session_scope
@@ -527,7 +634,7 @@ def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], 
                                  len(split.part("test")))
         items = split.part("test")
     labels = np.array([i.target for i in items])
-    results = []
+    results, scored = [], []
     for entry in (champion, candidate):
         model = load_model(entry["path"], entry["sha256"])
         config = TrainConfig.from_hyperparameters(entry["hyperparameters"])
@@ -536,5 +643,11 @@ def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], 
         pictures = (np.stack([prepare_file(path, preprocess) for path in local])
                     if items else np.zeros((0, preprocess.image_size, preprocess.image_size, 3), np.uint8))
         scores = predict_scores(model, pictures, flip=config.test_time_flip)
-        results.append(clean_json(binary_metrics(labels, scores, entry["threshold"])) if items else {})
-    return results[0], results[1], len(items)
+        scored.append(scores)
+        metrics = binary_metrics(labels, scores, entry["threshold"]) if items else {}
+        if items:
+            metrics["intervals"] = bootstrap_intervals(labels, scores, entry["threshold"], resamples=resamples)
+        results.append(clean_json(metrics))
+    paired = paired_difference(labels, scored[1], scored[0], primary, threshold_candidate=candidate["threshold"],
+                               threshold_champion=champion["threshold"], resamples=resamples)
+    return results[0], results[1], len(items), clean_json(paired)

@@ -102,7 +102,9 @@ class TrainConfig:
     # from it and the CPU computes bfloat16 natively, else float32). Stored resolved with the model.
     precision: str = "auto"
     seed: int = 0
-    weights: str = "auto"  # auto (ImageNet if a local file exists) | none | PATH to a weights file
+    # auto: ImageNet, fetched through Keras (mirror, cache) when reachable, else random init with a warning;
+    # imagenet: the same but an error when unavailable; none: random init; PATH: that weights file.
+    weights: str = "auto"
 
     def hyperparameters(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -130,8 +132,8 @@ class BackboneSpec:
     last_conv: str  # the layer Grad-CAM explains
     weight_file: str  # the no-top ImageNet file name Keras caches (may contain {size} / {alpha})
     default_epochs: int = 30
-    # Whether bfloat16 compute pays on a CPU with native bfloat16 (measured at 96 px on 2 cores:
-    # Xception epochs 1.15x to 1.7x faster, `make bench`; MobileNetV2's depthwise layers: no gain).
+    # Whether bfloat16 compute may pay (a measurement on the machine decides, see resolve_precision;
+    # earlier notes said Xception 1.15x-1.7x, a later full `make bench` 0.93x; MobileNetV2: no gain).
     bfloat16_gain: bool = False
 
 
@@ -184,11 +186,75 @@ def cpu_has_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(precision: str, backbone: str, *, native_bfloat16: bool | None = None) -> str:
-    """``auto`` becomes mixed_bfloat16 for a backbone that gains from it on a CPU that has it, else float32."""
+# auto picks bfloat16 only where it was measured at least this much faster than float32 on this machine.
+BFLOAT16_MIN_SPEEDUP = 1.05
+
+
+def machine_fingerprint(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """What a precision measurement depends on: CPU model and its bfloat16 flags, core count, TensorFlow."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    try:
+        from importlib.metadata import version
+
+        tf_version = version("tensorflow-cpu")
+    except Exception:  # noqa: BLE001 - another TensorFlow distribution
+        tf_version = "?"
+    return f"{model} | bf16 {'native' if cpu_has_bfloat16(cpuinfo) else 'emulated'} | {os.cpu_count()} cpus | tf {tf_version}"
+
+
+def precision_probe_file() -> Path:
+    from facetrace.settings import get_settings
+
+    return get_settings().data_dir / "cache" / "precision-probe.json"
+
+
+def record_precision_probe(backbone: str, float32_rate: float, bfloat16_rate: float, *, file: Path | None = None,
+                           fingerprint: str | None = None) -> dict[str, Any]:
+    """Remember a measurement (training images/s in each precision) for this machine and backbone."""
+    file = Path(file or precision_probe_file())
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        data = {}
+    entry = {"float32": float32_rate, "mixed_bfloat16": bfloat16_rate, "ratio": bfloat16_rate / float32_rate,
+             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data.setdefault(fingerprint or machine_fingerprint(), {})[backbone] = entry
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".tmp-{uuid.uuid4().hex}-{file.name}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, file)
+    return entry
+
+
+def measured_bfloat16_speedup(backbone: str, *, file: Path | None = None, fingerprint: str | None = None) -> float | None:
+    """bfloat16 / float32 training speed measured on this machine for ``backbone``, or None."""
+    try:
+        data = json.loads(Path(file or precision_probe_file()).read_text())
+    except (OSError, ValueError):
+        return None
+    entry = data.get(fingerprint or machine_fingerprint(), {}).get(backbone)
+    return None if not entry else float(entry["ratio"])
+
+
+_UNMEASURED = object()
+
+
+def resolve_precision(precision: str, backbone: str, *, native_bfloat16: bool | None = None,
+                      measured_speedup: Any = _UNMEASURED) -> str:
+    """``auto`` becomes mixed_bfloat16 only for a backbone that may gain, on a CPU with native bfloat16,
+    where a measurement on this machine (:func:`record_precision_probe`, written by `make bench`)
+    found it at least :data:`BFLOAT16_MIN_SPEEDUP` times as fast; otherwise float32. (Native bfloat16
+    alone is no promise: a full bench measured Xception at 0.93x of float32 on such a CPU.)"""
     if precision == "auto":
         native = cpu_has_bfloat16() if native_bfloat16 is None else native_bfloat16
-        return "mixed_bfloat16" if native and backbone_spec(backbone).bfloat16_gain else "float32"
+        if not (native and backbone_spec(backbone).bfloat16_gain):
+            return "float32"
+        speedup = measured_bfloat16_speedup(backbone) if measured_speedup is _UNMEASURED else measured_speedup
+        return "mixed_bfloat16" if speedup is not None and speedup >= BFLOAT16_MIN_SPEEDUP else "float32"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected auto or one of {', '.join(PRECISIONS)}")
     return precision
@@ -467,25 +533,44 @@ def keras_cache_dir() -> Path:
 
 def resolve_weights(backbone: str, image_size: int, requested: str = "auto", weights_dir: Path | None = None,
                     alpha: float = 1.0) -> str | None:
-    """'imagenet', a weights file path, or None (random initialisation, with a warning).
+    """The weights file to start from, or None (random initialisation, with a warning); see
+    :func:`resolve_weights_file`."""
+    found = resolve_weights_file(backbone, image_size, requested, weights_dir, alpha)
+    return None if found is None else found.path
 
-    Nothing is downloaded: ImageNet weights are used only when the file Keras would fetch is already
-    in its cache (or in ``weights_dir``), because training must work offline.
+
+def resolve_weights_file(backbone: str, image_size: int, requested: str = "auto", weights_dir: Path | None = None,
+                         alpha: float = 1.0):
+    """A verified :class:`~facetrace.tasks.weights.WeightsFile`, or None for random initialisation.
+
+    ``none``: random. A path: that file. ``auto`` (default) and ``imagenet``: Keras' no-top file from
+    ``weights_dir`` or Keras' own cache when there, else fetched through Keras (the mirror setting,
+    a short timeout, the hash checked) into the cache under the data root. When it cannot be had,
+    ``auto`` warns and starts from random initialisation; ``imagenet`` raises.
     """
+    from facetrace.tasks import weights as imagenet
+
     if requested == "none":
         return None
     if requested not in ("auto", "imagenet"):
         if not Path(requested).is_file():
             raise FileNotFoundError(f"weights file {requested} does not exist")
-        return requested
-    spec = backbone_spec(backbone)
-    rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
-    name = spec.weight_file.format(alpha=float(alpha), size=rows)
+        return imagenet.WeightsFile(name=Path(requested).name, path=str(requested), sha256=file_sha256(requested),
+                                    origin="file", hash_checked=False)
+    backbone_spec(backbone)
+    name = imagenet.weight_file_name(backbone, image_size, alpha)
     for directory in [d for d in (weights_dir, keras_cache_dir()) if d]:
         candidate = Path(directory) / name
         if candidate.is_file():
-            return "imagenet" if Path(directory) == keras_cache_dir() else str(candidate)
-    message = (f"no ImageNet weights for {backbone} ({name} not in {weights_dir or keras_cache_dir()}): "
+            return imagenet.WeightsFile(name=name, path=str(candidate), sha256=file_sha256(candidate),
+                                        origin=str(directory), hash_checked=False)
+    try:
+        return imagenet.fetch_from_settings(backbone, image_size, alpha)
+    except imagenet.WeightsUnavailable as exc:
+        if requested == "imagenet":
+            raise
+        reason = str(exc)
+    message = (f"no ImageNet weights for {backbone} ({reason}): "
                "training from random initialisation (BatchNormalization momentum lowered, all layers trained)")
     warnings.warn(message, stacklevel=2)
     log.warning(message)
@@ -564,6 +649,7 @@ class TrainedModel:
     best_epoch: int
     seconds: float
     tensorboard: str | None = None
+    weights_source: dict[str, Any] | None = None  # the ImageNet (or given) file: name, sha256, origin
 
 
 def _class_weights(labels: np.ndarray) -> dict[int, float] | None:
@@ -686,45 +772,12 @@ def _callbacks(config: TrainConfig, validation: bool, tensorboard_dir: Path | No
                                                        restore_best_weights=True, verbose=0,
                                                        start_from_epoch=epochs // 4))
     if tensorboard_dir is not None:
-        callbacks.append(EpochScalars(tensorboard_dir))
+        # Keras' own TensorBoard callback (the `tensorboard` package is installed): train/ and validation/
+        # runs with epoch_loss, epoch_auc, epoch_accuracy and epoch_learning_rate; `tensorboard --logdir`
+        # on the run's report folder shows them. No graph or profile: they cost time on a shared CPU.
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), histogram_freq=0,
+                                                     write_graph=False, profile_batch=0, update_freq="epoch"))
     return callbacks
-
-
-def EpochScalars(log_dir: Path):  # noqa: N802 - a callback class built lazily (keras imported here)
-    """Per-epoch scalars in TensorBoard's format, written with TensorFlow's own summary ops.
-
-    Keras' TensorBoard callback needs the separate `tensorboard` package even to write; this writes the
-    same event files (train/ and validation/ runs, tags epoch_loss, epoch_auc...) without it, so
-    `tensorboard --logdir` shows them wherever TensorBoard is installed.
-    """
-    import keras
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    serialized = metadata.SerializeToString()
-
-    class _EpochScalars(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.writers = {run: tf.summary.create_file_writer(str(Path(log_dir) / run))
-                            for run in ("train", "validation")}
-
-        def on_epoch_end(self, epoch, logs=None):
-            for key, value in (logs or {}).items():
-                run, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-                with self.writers[run].as_default():
-                    tf.summary.write(f"epoch_{tag}", tf.constant(float(value)), step=epoch, metadata=serialized)
-            with self.writers["train"].as_default():
-                rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-                tf.summary.write("epoch_learning_rate", tf.constant(rate), step=epoch, metadata=serialized)
-
-        def on_train_end(self, logs=None):
-            for writer in self.writers.values():
-                writer.flush()
-
-    return _EpochScalars()
 
 
 def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray | None,
@@ -799,8 +852,9 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
     if config.crop_size and config.crop_size < minimum:
         raise ValueError(f"{config.backbone} needs crops of at least {minimum} px, got {config.crop_size}")
     keras.utils.set_random_seed(config.seed)
-    weights = resolve_weights(config.backbone, config.preprocess.image_size, config.weights, weights_dir,
-                              config.width_multiplier)
+    weights_file = resolve_weights_file(config.backbone, config.preprocess.image_size, config.weights, weights_dir,
+                                        config.width_multiplier)
+    weights = None if weights_file is None else weights_file.path
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, config.backbone))
     model = build_model(config.backbone, config.preprocess.image_size, weights, dropout=config.dropout,
                         bn_momentum=config.bn_momentum, alpha=config.width_multiplier,
@@ -811,13 +865,27 @@ def train_backbone(train_images: np.ndarray, train_labels: np.ndarray, val_image
         tensorboard_dir=tensorboard_dir, verbose=verbose)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.keras"
-    model.save(path)
+    path = save_inference_model(model, out_dir / "model.keras")
     return TrainedModel(
         backbone=config.backbone, path=str(path), sha256=file_sha256(path),
-        weights="random" if weights is None else ("imagenet" if weights == "imagenet" else "file"),
+        weights="random" if weights_file is None else ("file" if weights_file.origin == "file" else "imagenet"),
+        weights_source=None if weights_file is None else weights_file.as_dict(),
         hyperparameters=config.hyperparameters(), history=history, epochs_run=epochs_run, best_epoch=best_epoch,
         seconds=time.perf_counter() - started, tensorboard=str(tensorboard_dir) if tensorboard_dir else None)
+
+
+def save_inference_model(model, path: str | os.PathLike) -> Path:
+    """Save ``model`` for prediction only: architecture, weights and dtype policies, no optimizer state
+    and no compile configuration (AdamW keeps two moments per weight: Xception's file was 250 MB, 166 MB
+    of it optimizer state). A fresh, never-compiled clone carries the trained weights to disk."""
+    import keras
+
+    # (keras.models.clone_model would compile the clone like the original, optimizer and all.)
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    path = Path(path)
+    clone.save(path)
+    return path
 
 
 def load_model(path: str | os.PathLike, expected_sha256: str | None = None):

@@ -54,6 +54,19 @@ def _drop_pg_schema(schema: str) -> None:
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
+@pytest.fixture(autouse=True)
+def no_weights_download(monkeypatch: pytest.MonkeyPatch):
+    """Tests never reach Keras' real weights origin: the mirror is a loopback port nobody listens on
+    (a fetch is refused at once and training falls back to random initialisation, as offline).
+    Tests of the fetch itself point the mirror at their own local server."""
+    from tests.prefect_server import free_port
+
+    monkeypatch.setenv("FACETRACE_WEIGHTS_MIRROR", f"http://127.0.0.1:{free_port()}/")
+    from facetrace.settings import get_settings
+
+    get_settings(fresh=True)
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     root = tmp_path / "data"

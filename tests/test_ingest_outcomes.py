@@ -22,8 +22,13 @@ def _faces(folder: Path, count: int, start: int = 0) -> list[Path]:
     return paths
 
 
-def test_bomb_rejection_quotes_the_configured_limit_not_pillows():
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # ignored globally by tasks/storage.py
+def test_bomb_rejection_quotes_the_configured_limit_not_pillows(monkeypatch):
+    from PIL import Image
+
     from facetrace.tasks.storage import Limits, Quarantine, inspect_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
 
     for data, limit in ((bomb_png(), 40_000_000), (encode(noise_image(1, (64, 64)), "PNG"), 1_000)):
         with pytest.raises(Quarantine) as refused:

@@ -273,8 +273,9 @@ def print_demo_summary(elapsed_s: float) -> None:
             if warning.startswith("toy"):  # the confound audit has its own line above
                 print(f"WARNING: {warning}")
     ft = shell_command()
-    print("\nWhere to look next" + ("" if ft == "facetrace" else
-          " (or first `source " + str(Path(ft).parent / "activate") + "`, then plain `facetrace`)") + ":")
+    activate = Path(sys.executable).with_name("activate")
+    print("\nWhere to look next" + ("" if ft == "facetrace" or not activate.exists() else
+          f" (or first `source {shlex.quote(str(activate))}`, then plain `facetrace`)") + ":")
     if os.environ.get("FACETRACE_DATA_DIR"):
         print(f"  export FACETRACE_DATA_DIR={shlex.quote(str(root))}")
     print(f"""  {ft} status

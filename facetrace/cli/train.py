@@ -26,6 +26,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="wall-clock budget for all fits (default FACETRACE_TRAIN_TIME_BUDGET_S; 0 = none)")
 
+    p = sub.add_parser("weights", help="fetch the backbones' ImageNet weights into the cache (for a later offline run)")
+    p.add_argument("action", choices=["fetch"], help="fetch: from FACETRACE_WEIGHTS_MIRROR or Keras' origin")
+    p.add_argument("--backbones", default="mobilenet_v2,xception",
+                   help="comma-separated: mobilenet_v2, xception (default both)")
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help="the input size training will use (MobileNetV2's file depends on it; default FACETRACE_IMAGE_SIZE)")
+
     p = sub.add_parser("models", help="the model registry: candidates, champion, archived")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
@@ -36,15 +43,46 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
-@verb("train", runs_flows=True)
-def cmd_train(args: argparse.Namespace) -> int:
-    from facetrace.flows.train import train_and_evaluate
+def _backbones(text: str) -> list[str]:
     from facetrace.tasks.training import BACKBONES
 
-    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    backbones = [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in backbones if b not in BACKBONES]
     if unknown or not backbones:
         raise CLIError(f"unknown backbone(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKBONES)}")
+    return backbones
+
+
+@verb("weights")
+def cmd_weights(args: argparse.Namespace) -> int:
+    from facetrace.settings import get_settings
+    from facetrace.tasks.training import backbone_spec
+    from facetrace.tasks.weights import WeightsUnavailable, fetch_from_settings
+
+    settings = get_settings()
+    rows, failed = [], []
+    for backbone in _backbones(args.backbones):
+        size = max(args.image_size or settings.image_size, backbone_spec(backbone).min_size)
+        try:
+            found = fetch_from_settings(backbone, size)
+        except WeightsUnavailable as exc:
+            failed.append(f"{backbone}: {exc}")
+            continue
+        rows.append((backbone, found.name, found.sha256, "yes" if found.hash_checked else "no (Keras pins none)",
+                     found.path))
+    if rows:
+        print_table(["backbone", "file", "sha256", "keras hash checked", "cached at"], rows,
+                    title=f"ImageNet weights (from {settings.weights_mirror or 'Keras origin'})")
+    if failed:
+        raise CLIError("; ".join(failed))
+    return 0
+
+
+@verb("train", runs_flows=True)
+def cmd_train(args: argparse.Namespace) -> int:
+    from facetrace.flows.train import train_and_evaluate
+
+    backbones = _backbones(args.backbones)
     if args.epochs is not None and args.epochs < 1:
         raise CLIError("--epochs must be at least 1")
     try:

@@ -1,0 +1,40 @@
+"""bench/crossval.py's spread over seeds: per-fold rows and mean ± sd of the fold means per seed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.crossval import report_seeds, seed_summary  # noqa: E402
+
+
+def record(seed: int, aucs: list[float], fprs: list[float]) -> dict:
+    folds = [{"fold": i, "roc_auc": auc, "tpr_at_1pct_fpr": auc - 0.2, "tpr_at_5pct_fpr": auc - 0.1,
+              "realised_fpr": fpr, "target_fpr": 0.05, "threshold_rule": "upper_bound", "test_reals": 40,
+              "expected_fpr_interval": [0.0, 0.07], "realised_fpr_empirical_rule": fpr + 0.04}
+             for i, (auc, fpr) in enumerate(zip(aucs, fprs))]
+    return {"seed": seed, "results": {"xception": {"per_fold": folds}}}
+
+
+def test_mean_and_sd_over_seeds_of_each_seeds_fold_means(tmp_path, capsys):
+    records = [record(0, [0.9, 0.8], [0.0, 0.1]), record(1, [0.95, 0.95], [0.025, 0.025]),
+               record(2, [0.7, 0.9], [0.05, 0.0])]
+    summary = seed_summary(records)["xception"]
+    fold_means = [0.85, 0.95, 0.8]
+    assert summary["roc_auc"]["mean"] == pytest.approx(np.mean(fold_means))
+    assert summary["roc_auc"]["sd"] == pytest.approx(np.std(fold_means, ddof=1))
+    assert summary["tpr_at_1pct_fpr"]["mean"] == pytest.approx(np.mean(fold_means) - 0.2)
+    assert summary["realised_fpr"]["mean"] == pytest.approx(np.mean([0.05, 0.025, 0.025]))
+    assert [s["folds_over_target"] for s in summary["per_seed"]] == [1, 0, 0]
+    out = tmp_path / "cv.json"
+    report_seeds(records, str(out))
+    printed = capsys.readouterr().out
+    assert "| xception | 1 | 0 | 40 |" in printed and "1 of 6" in printed
+    assert f"{np.mean(fold_means):.3f} ± {np.std(fold_means, ddof=1):.3f}" in printed
+    assert json.loads(out.read_text())["summary"]["xception"]["roc_auc"]["mean"] == pytest.approx(np.mean(fold_means))
