@@ -10,7 +10,6 @@ import hashlib
 import io
 import random
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -158,16 +157,18 @@ def split_leakage(members: pd.DataFrame, distance: int) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- files
 
-def check_file(data_root: Path, path: str, size: int, sha256: str) -> tuple[bool, bool | None, bool | None, bool | None]:
-    """(exists, size matches, sha256 matches, decodes); checks that cannot run are None."""
+def check_file(store, path: str, size: int, sha256: str) -> tuple[bool, bool | None, bool | None, bool | None]:
+    """(exists, size matches, sha256 matches, decodes) of one object in the artifact store (or under a
+    local data root); checks that cannot run are None. Read from the store itself, never a cache."""
     from PIL import Image as PILImage
 
-    target = Path(data_root) / path
+    from facetrace.tasks.store import as_store
+
     try:
-        data = target.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        data = as_store(store).get_bytes(path)
+    except (FileNotFoundError, ValueError):  # missing, or a path that is not a store key
         return False, None, None, None
-    except OSError:
+    except OSError:  # unreadable here; an unreachable store (StoreError) fails the run instead
         return True, None, None, False
     try:
         with PILImage.open(io.BytesIO(data)) as image:
@@ -185,15 +186,19 @@ def sample_rows(images: pd.DataFrame, sample: int, seed: int) -> pd.DataFrame:
     return images.sample(n=sample, random_state=seed).sort_index()
 
 
-def check_files(images: pd.DataFrame, data_root: Path, *, sample: int = 0, seed: int | None = None,
+def check_files(images: pd.DataFrame, store, *, sample: int = 0, seed: int | None = None,
                 workers: int = 2) -> pd.DataFrame:
-    """The files frame: one row per checked file. Hashing and decoding release the GIL, so a small
+    """The files frame: one row per checked object of the artifact store (or of a local data root).
+    Hashing and decoding release the GIL (and a remote store's reads wait on the network), so a small
     thread pool keeps both cores busy."""
+    from facetrace.tasks.store import as_store
+
+    store = as_store(store)
     seed = random.randrange(2**31) if seed is None else seed
     chosen = sample_rows(images, sample, seed)
     args = zip(chosen["path"], chosen["bytes"], chosen["sha256"])
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = list(pool.map(lambda a: check_file(data_root, *a), args))
+        checks = list(pool.map(lambda a: check_file(store, *a), args))
     frame = pd.DataFrame(checks, columns=["exists", "size_matches", "sha256_matches", "decodes"], dtype=object)
     frame.insert(0, "path", chosen["path"].to_numpy())
     frame.insert(0, "sha256", chosen["sha256"].to_numpy())

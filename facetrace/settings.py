@@ -15,6 +15,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path("data"), description="Data root: images, caches, reports.")
     db_url: str | None = Field(default=None, description="Catalog URL; default SQLite under data_dir.")
+    # The artifact store (tasks/store.py): images, models, model cards, reports, data docs. None = the
+    # data root itself; else an fsspec URL such as s3://bucket/prefix (AWS_* variables for S3).
+    store_url: str | None = None
+    store_options: str | None = None  # JSON of fsspec storage options, or "block:NAME" (a Prefect Secret)
+    cache_max_bytes: int = 10 * 1024**3  # the read-through cache of store objects under data_dir/cache/objects
 
     # Ingestion limits: anything outside them is quarantined with a reason.
     max_file_bytes: int = 25 * 1024 * 1024

@@ -21,6 +21,7 @@ from facetrace.db.engine import get_engine, session_scope
 from facetrace.db.generations import generated_item_indices, image_paths
 from facetrace.flows.common import current_flow_run_id, emit, progress
 from facetrace.settings import get_settings
+from facetrace.tasks.store import ArtifactStore
 from facetrace.tasks.synthesis import (
     GenerationCounts,
     GenerationItem,
@@ -58,7 +59,7 @@ def face_grid(pngs: list[bytes], columns: int = 4, thumb: int = 128, format: str
 
 
 def summary_markdown(request: GenerationRequest, n: int, skipped: int, counts: GenerationCounts,
-                     model: dict, grid: Path | None, preview_jpeg: bytes | None) -> str:
+                     model: dict, grid: str | None, preview_jpeg: bytes | None) -> str:
     lines = [
         f"# Generated faces: `{request.model.model_id}`",
         "",
@@ -103,6 +104,7 @@ def generate_synthetic_faces(
         raise ValueError(f"n must be zero or more, got {n}")
     logger = get_run_logger()
     settings = get_settings()
+    store = ArtifactStore.from_settings(settings)
     run_id = current_flow_run_id()
     ref = resolve_model(model, revision)
     defaults = defaults_for(ref)
@@ -136,7 +138,7 @@ def generate_synthetic_faces(
                 images = generate_batch(choice, chunk, options, run_id)
                 stored_ids = ({i.index: prompt_ids[i.index % len(prompt_ids)] for i in chunk} if prompt_ids else None)
                 counts.add(catalogue_generated(images, {i.index: prompts[i.index] for i in chunk}, request.key,
-                                               source_id, settings.data_dir, settings.catalog_url, run_id,
+                                               source_id, store, settings.catalog_url, run_id,
                                                stored_ids))
                 bar.advance(job, len(chunk))
 
@@ -144,10 +146,9 @@ def generate_synthetic_faces(
     if counts.new_sha256:
         with session_scope(engine) as session:
             paths = image_paths(session, counts.new_sha256[:GRID_FACES])
-        faces = [(settings.data_dir / paths[sha]).read_bytes() for sha in counts.new_sha256[:GRID_FACES]]
-        grid_path = settings.data_dir / "reports" / f"generated-{(run_id or request.key)[:16]}.png"
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        grid_path.write_bytes(face_grid(faces))
+        faces = [store.get_bytes(paths[sha]) for sha in counts.new_sha256[:GRID_FACES]]
+        grid_path = store.url_for(store.put_bytes(f"reports/generated-{(run_id or request.key)[:16]}.png",
+                                                  face_grid(faces)))
         preview = face_grid(faces, thumb=96, format="JPEG")
 
     summary = {"requested": n, "skipped": len(done & set(range(n))), "new": counts.new,

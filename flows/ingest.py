@@ -26,6 +26,7 @@ from facetrace.tasks.faces import (
 from facetrace.tasks.inbox import move_ingested_files
 from facetrace.tasks.sources import check_source
 from facetrace.tasks.storage import REASONS, Limits, sweep_stale_temporaries
+from facetrace.tasks.store import ArtifactStore
 
 INGESTED_EVENT = "facetrace.faces.ingested"
 
@@ -85,7 +86,8 @@ def ingest_faces(
     settings = get_settings()
     run_id = current_flow_run_id()
     engine = get_engine(settings.catalog_url)
-    if swept := sweep_stale_temporaries(settings.data_dir):
+    store = ArtifactStore.from_settings(settings)
+    if store.local and (swept := sweep_stale_temporaries(settings.data_dir)):
         logger.info("removed %d temporary files left by an interrupted ingest", swept)
     listing = list_source(kind, path, label, provenance, slug)
     with session_scope(engine) as session:
@@ -96,7 +98,7 @@ def ingest_faces(
     size = batch_size or settings.batch_size
     batches = [listing.candidates[i:i + size] for i in range(0, len(listing.candidates), size)]
     limits = Limits.from_settings()
-    futures = [ingest_batch.submit(batch, source_id, settings.data_dir, settings.catalog_url, limits, run_id)
+    futures = [ingest_batch.submit(batch, source_id, store, settings.catalog_url, limits, run_id)
                for batch in batches]
     counts = BatchCounts()
     total, next_report = len(listing.candidates), 0.1

@@ -17,6 +17,7 @@ from typing import Any
 from facetrace.db.engine import get_engine, session_scope
 from facetrace.db.generations import generation_for_sha
 from facetrace.settings import get_settings
+from facetrace.tasks.store import ArtifactStore
 from facetrace.tasks.synthesis import (
     TINY,
     GenerationItem,
@@ -106,8 +107,12 @@ def reproduce_image(sha256: str, device: str | None = None) -> dict[str, Any]:
     regenerated = generate_images(loaded, replay.batch, replay.options)[replay.position]
     duration = time.perf_counter() - started
 
-    stored = Path(settings.data_dir) / replay.path
-    max_diff, mean_diff = (pixel_difference(stored.read_bytes(), regenerated.png) if stored.exists() else (None, None))
+    store = ArtifactStore.from_settings(settings)
+    try:
+        stored = store.get_bytes(replay.path)
+    except FileNotFoundError:
+        stored = None
+    max_diff, mean_diff = pixel_difference(stored, regenerated.png) if stored is not None else (None, None)
     new_sha = sha256_hex(regenerated.png)
     versions_now = library_versions(loaded.device)
     changed = sorted(k for k in set(replay.library_versions) | set(versions_now)
@@ -127,6 +132,6 @@ def reproduce_image(sha256: str, device: str | None = None) -> dict[str, Any]:
         "batch_position": replay.position,
         "seed": replay.batch[replay.position].seed,
         "library_changes": changed,
-        "stored_file": str(stored) if stored.exists() else None,
+        "stored_file": store.url_for(replay.path) if stored is not None else None,
         "duration_s": round(duration, 3),
     }

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -30,6 +31,7 @@ from facetrace.tasks.splits import (
     snapshot_catalog,
     snapshot_summary,
 )
+from facetrace.tasks.store import ArtifactStore, ObjectCache, Staging
 from facetrace.tasks.training import ENSEMBLE, TrainedModel, default_config, fit_backbone, prepare_tensors, save_ensemble
 
 REGISTERED_EVENT = "facetrace.model.registered"
@@ -84,6 +86,27 @@ def build_ensemble_candidate(trained: list[TrainedModel], out_dir: Path) -> Trai
     return combined
 
 
+def publish_model(trained: TrainedModel, model_stage: Staging, report_stage: Staging) -> TrainedModel:
+    """A model saved in its local folder -> the artifact store; returns it with store keys for paths.
+
+    This machine's cache adopts the file (evaluation and the ensemble read it without a download).
+    """
+    local = Path(trained.path)
+    model_stage.publish()
+    key = model_stage.key(local)
+    ObjectCache.from_settings(model_stage.store).adopt(key, local, trained.sha256)
+    model_stage.discard()
+    tensorboard = report_stage.key(trained.tensorboard) if trained.tensorboard else None
+    return dataclasses.replace(trained, path=key, tensorboard=tensorboard)
+
+
+def publish_reports(evaluation: dict[str, Any], report_stage: Staging) -> dict[str, Any]:
+    """An evaluation's report folder (plots, scores, TensorBoard logs) -> the store; its files become keys."""
+    report_stage.publish()
+    report_stage.discard()
+    return {**evaluation, "files": {name: report_stage.key(path) for name, path in evaluation["files"].items()}}
+
+
 def _run_token() -> str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -135,27 +158,33 @@ def train_and_evaluate(
         if key not in tensor_files:
             tensor_files[key] = prepare_tensors(split, key, data_dir, settings.train_threads)
 
+    # Models and reports are built in local folders (on a local store: the store's own folders) and
+    # published to the artifact store; the catalog gets their keys, never this machine's paths.
+    store = ArtifactStore.from_settings(settings)
     tokens = {b: _run_token() for b in backbones}
-    model_dirs = {b: data_dir / "models" / b / tokens[b] for b in backbones}
-    report_dirs = {b: data_dir / "reports" / b / tokens[b] for b in backbones}
+    model_stages = {b: Staging(store, f"models/{b}/{tokens[b]}", data_dir) for b in backbones}
+    report_stages = {b: Staging(store, f"reports/{b}/{tokens[b]}", data_dir) for b in backbones}
     deadlines = fit_deadlines(backbones, time_budget_s, settings)
-    futures = {b: fit_backbone.submit(split, configs[b], tensor_files[configs[b].preprocess], model_dirs[b],
-                                      report_dirs[b] / "tensorboard", settings.weights_dir, settings.train_threads,
-                                      deadlines[b])
+    futures = {b: fit_backbone.submit(split, configs[b], tensor_files[configs[b].preprocess], model_stages[b].dir,
+                                      report_stages[b].dir / "tensorboard", settings.weights_dir,
+                                      settings.train_threads, deadlines[b])
                for b in backbones}
     confound = audit_confounds(split)
-    trained = {b: future.result() for b, future in futures.items()}
+    trained = {b: publish_model(future.result(), model_stages[b], report_stages[b]) for b, future in futures.items()}
     preprocess = {b: configs[b].preprocess for b in backbones}
     if settings.train_ensemble if ensemble is None else ensemble:
         token = _run_token()
-        combined = build_ensemble_candidate(list(trained.values()), data_dir / "models" / ENSEMBLE / token)
+        model_stages[ENSEMBLE] = Staging(store, f"models/{ENSEMBLE}/{token}", data_dir)
+        combined = build_ensemble_candidate(list(trained.values()), model_stages[ENSEMBLE].dir)
         if combined is not None:
-            trained[ENSEMBLE], preprocess[ENSEMBLE] = combined, configs[backbones[0]].preprocess
-            report_dirs[ENSEMBLE] = data_dir / "reports" / ENSEMBLE / token
+            report_stages[ENSEMBLE] = Staging(store, f"reports/{ENSEMBLE}/{token}", data_dir)
+            trained[ENSEMBLE] = publish_model(combined, model_stages[ENSEMBLE], report_stages[ENSEMBLE])
+            preprocess[ENSEMBLE] = configs[backbones[0]].preprocess
 
-    evaluations = {b: evaluate_model(trained[b], split, tensor_files[preprocess[b]], report_dirs[b],
-                                     data_dir, target_fpr, settings.robustness_images, settings.threshold_rule,
-                                     settings.bootstrap_resamples)
+    evaluations = {b: publish_reports(evaluate_model(trained[b], split, tensor_files[preprocess[b]],
+                                                     report_stages[b].dir, data_dir, target_fpr,
+                                                     settings.robustness_images, settings.threshold_rule,
+                                                     settings.bootstrap_resamples), report_stages[b])
                    for b in trained}
     summary = snapshot_summary(url, split)
     summary["demo_data"] = demo_data_note(url, split)
@@ -170,6 +199,7 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
 
     logger = get_run_logger()
     settings = get_settings()
+    store = ArtifactStore.from_settings(settings)
     url = settings.catalog_url
     ids: dict[str, int] = {}
     with session_scope(get_engine(url)) as session:
@@ -231,7 +261,7 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
                 hyperparameters=row.hyperparameters, metrics=row.metrics, threshold=row.threshold,
                 target_fpr=target_fpr, decision=decision.reason if b == best_backbone else
                 f"not the best candidate of this run ({primary_metric})")
-            row.model_card = str(registry.write_model_card(Path(row.path).parent, card))
+            row.model_card = store.put_bytes(f"{PurePosixPath(row.path).parent}/model_card.md", card.encode())
         stages = {b: row.stage for b, row in rows.items()}
         versions = {b: row.version for b, row in rows.items()}
         columns, table = registry.registry_rows(session)
@@ -239,8 +269,8 @@ def register_run(trained: dict[str, TrainedModel], evaluations: dict[str, dict[s
     for b in trained:
         e = evaluations[b]
         title = f"{b} v{versions[b]} ({stages[b]})"
-        report = Path(e["files"]["roc"]).parent / "report.md"
-        report.write_text(report_markdown(title, e, confound, embed=False))
+        store.put_bytes(f"{PurePosixPath(e['files']['roc']).parent}/report.md",
+                        report_markdown(title, e, confound, embed=False).encode())
         create_markdown_artifact(report_markdown(title, e, confound), key=f"model-report-{b.replace('_', '-')}",
                                  description=f"evaluation of {title}")
         emit(REGISTERED_EVENT, f"facetrace.model.{ids[b]}",

@@ -19,6 +19,7 @@ from facetrace.expectations.gate import CriticalValidationFailure, record_valida
 from facetrace.expectations.suites import SUITES, Thresholds
 from facetrace.flows.common import current_flow_run_id, emit
 from facetrace.settings import get_settings
+from facetrace.tasks.store import ArtifactStore
 
 VALIDATED_EVENT = "facetrace.catalog.validated"
 
@@ -48,9 +49,23 @@ def load_frames(catalog_url: str, near_duplicate_distance: int, prediction_windo
 
 
 @task(cache_policy=NO_CACHE)
-def check_catalog_files(images: pd.DataFrame, data_dir: Path, sample: int, workers: int) -> pd.DataFrame:
-    """Read, hash and decode every catalogued file (or a random sample of ``sample`` files)."""
-    return check_files(images, data_dir, sample=sample, workers=workers)
+def check_catalog_files(images: pd.DataFrame, store: ArtifactStore, sample: int, workers: int) -> pd.DataFrame:
+    """Read, hash and decode every catalogued object of the store (or a random sample of ``sample``)."""
+    return check_files(images, store, sample=sample, workers=workers)
+
+
+@task(cache_policy=NO_CACHE)
+def publish_data_docs(store: ArtifactStore, data_dir: Path, index: Path, outcomes: list) -> str:
+    """The data docs site built on this machine -> the store under ``validation/gx/...`` (on a local
+    store it is already there); each outcome's page becomes a store key. Returns the index page's key."""
+    site = Path(index).resolve().parent
+    prefix = site.relative_to(docs_root(data_dir).parent).as_posix()  # validation/gx/uncommitted/...
+    if not store.local:
+        store.put_tree(prefix, site)
+    for outcome in outcomes:
+        if outcome.docs_page:
+            outcome.docs_page = f"{prefix}/{Path(outcome.docs_page).resolve().relative_to(site).as_posix()}"
+    return f"{prefix}/{Path(index).name}"
 
 
 @task(cache_policy=NO_CACHE)
@@ -96,6 +111,7 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
     """
     logger = get_run_logger()
     settings = get_settings()
+    store = ArtifactStore.from_settings(settings)
     run_id = current_flow_run_id()
     thresholds = Thresholds.from_settings(file_sample=file_sample)
     wanted = list(suites or SUITES)
@@ -114,11 +130,17 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
     if "predictions" in wanted and "predictions" in loaded:
         frames["predictions"] = loaded["predictions"]
     if "files" in wanted:
-        frames["files"] = check_catalog_files(loaded["images"], settings.data_dir, thresholds.file_sample,
-                                              settings.workers)
+        frames["files"] = check_catalog_files(loaded["images"], store, thresholds.file_sample, settings.workers)
 
+    # The GX project (suites, results, the site) is built on this machine; the site is then published.
     root = docs_root(settings.data_dir) if data_docs else None
     outcomes, index = run_suites(frames, thresholds, root, run_id)
+    if root is not None and index:
+        index = store.url_for(publish_data_docs(store, settings.data_dir, index, outcomes))
+    else:  # an ephemeral context's pages are in a temporary folder of this machine: nothing to record
+        index = None
+        for outcome in outcomes:
+            outcome.docs_page = None
     for outcome in outcomes:
         if outcome.suite == "files":
             outcome.statistics.update(frames["files"].attrs)
@@ -133,7 +155,7 @@ def validate_catalog(suites: list[str] | None = None, file_sample: int | None = 
         "critical_failure": bool(critical),
         "suites": {o.suite: {"success": o.success, "critical_failure": o.critical_failure,
                              "statistics": o.statistics, "data_docs": o.docs_page} for o in outcomes},
-        "data_docs": str(index) if index else None,
+        "data_docs": index,  # where a person opens it: a local path, or the store URL
         "rows": rows,
     }
     create_table_artifact(rows, key="catalog-validation",

@@ -485,10 +485,14 @@ def stratified_sample(labels: Sequence[str], keys: Sequence[str], limit: int) ->
     return sorted(chosen)
 
 
-def data_uri(path: Path) -> str:
+def data_uri(path: str | Path) -> str:
+    """A PNG as a data: URI; ``path`` is a local file or a key of the artifact store."""
     import base64
 
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    from facetrace.tasks.store import ArtifactStore
+
+    data = Path(path).read_bytes() if Path(path).is_absolute() else ArtifactStore.from_settings().get_bytes(str(path))
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, split, tensors: dict[str, np.ndarray],
@@ -501,6 +505,7 @@ def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, spl
     ``score``: prepared uint8 images -> P(synthetic), as the detector predicts (test-time flip and
     all). ``explained``: the network whose ``last_conv`` layer Grad-CAM looks into."""
     from facetrace.tasks.registry import operating_point
+    from facetrace.tasks.store import ObjectCache, image_paths
     from facetrace.tasks.training import prepare_bytes
 
     report_dir = Path(report_dir)
@@ -523,7 +528,8 @@ def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], preprocess, spl
         return score(np.stack([prepare_bytes(b, preprocess) for b in blobs]))
 
     sample = stratified_sample([i.label for i in test_items], [i.sha256 for i in test_items], robustness_images)
-    robustness = robustness_table([str(Path(data_dir) / test_items[i].path) for i in sample],
+    robustness = robustness_table(image_paths([test_items[i] for i in sample],
+                                              ObjectCache.from_settings(data_dir=data_dir)),
                                   [test_items[i].label for i in sample], threshold, score_bytes) if sample else []
 
     files = {"roc": str(plot_roc(y_test, test_scores, report_dir / "roc.png", f"{title}: test ROC")),
@@ -639,6 +645,7 @@ def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], 
 
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.db.models import SnapshotImage
+    from facetrace.tasks.store import ObjectCache, image_paths
     from facetrace.tasks.training import TrainConfig, load_model, predict_scores, prepare_file
 
     with session_scope(get_engine(catalog_url)) as session:
@@ -656,7 +663,8 @@ def score_against_champion(champion: dict[str, Any], candidate: dict[str, Any], 
         model = load_model(entry["path"], entry["sha256"])
         config = TrainConfig.from_hyperparameters(entry["hyperparameters"])
         preprocess = config.preprocess
-        pictures = (np.stack([prepare_file(Path(data_dir) / i.path, preprocess) for i in items])
+        local = image_paths(items, ObjectCache.from_settings(data_dir=data_dir))
+        pictures = (np.stack([prepare_file(path, preprocess) for path in local])
                     if items else np.zeros((0, preprocess.image_size, preprocess.image_size, 3), np.uint8))
         scores = predict_scores(model, pictures, flip=config.test_time_flip)
         scored.append(scores)

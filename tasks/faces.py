@@ -55,9 +55,8 @@ from facetrace.tasks.storage import (
     inspect_image,
     sha256_hex,
     store_bytes,
-    sync_data_root,
-    write_atomically,
 )
+from facetrace.tasks.store import ArtifactStore, as_store
 
 # Folder names that imply a label (the original project's layout is Real/ and AI/).
 LAYOUT_LABELS = {
@@ -379,11 +378,11 @@ def read_candidate(candidate: Candidate, limits: Limits) -> bytes:
         raise Quarantine("unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
-def inspect_and_store(candidate: Candidate, data: bytes, sha256: str, data_root: Path, limits: Limits,
+def inspect_and_store(candidate: Candidate, data: bytes, sha256: str, store: ArtifactStore | Path, limits: Limits,
                       *, durable: bool = True) -> AcceptedImage:
     """Decode and store one file's bytes under their content address (see :func:`store_bytes`)."""
     record = inspect_image(data, limits, sha256=sha256)
-    path = store_bytes(data_root, record, data, durable=durable)
+    path = store_bytes(store, record, data, durable=durable)
     return AcceptedImage(candidate.name, candidate.label, path, record, provenance=provenance_of(candidate))
 
 
@@ -408,13 +407,18 @@ def _label_conflict(name: str, label: str, other: str, sha256: str, size: int) -
 
 
 @task(retries=2, retry_delay_seconds=[1, 5], tags=["catalog"], cache_policy=NO_CACHE)
-def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, db_url: str,
+def ingest_batch(candidates: list[Candidate], source_id: int, store: ArtifactStore | Path, db_url: str,
                  limits: Limits, flow_run_id: str | None = None) -> BatchCounts:
-    """Inspect, store and catalogue one batch; the batch's rows commit together, after its files exist.
+    """Inspect, store and catalogue one batch; the batch's rows commit together, after its objects exist.
+
+    ``store``: the artifact store (or a local data root). An unreachable store fails the batch before
+    any of its rows is written (:class:`~facetrace.tasks.store.StoreError`); its retries, or a re-run,
+    write the same content addresses again.
 
     Content the catalog already holds (by sha256) is not decoded again: a re-run costs a read and a
     hash per file. The batch's bytes are held in memory together (at most batch size x file cap).
     """
+    store = as_store(store)
     refused: list[RejectedFile] = []
     readable: list[tuple[Candidate, bytes, str]] = []
     for candidate in candidates:
@@ -440,13 +444,13 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
             conflicted.add(sha)
             continue
         if sha in known:
-            if not (Path(data_root) / known[sha].path).is_file():  # a lost file is restored from its source
-                write_atomically(Path(data_root) / known[sha].path, data, durable=True)
+            if not store.exists(known[sha].path):  # a lost object is restored from its source
+                store.put_bytes(known[sha].path, data, durable=True)
             already.append((candidate.name, known[sha].id))
             continue
         if sha not in outcome:
             try:
-                outcome[sha] = inspect_and_store(candidate, data, sha, data_root, limits, durable=False)
+                outcome[sha] = inspect_and_store(candidate, data, sha, store, limits, durable=False)
             except Quarantine as q:
                 outcome[sha] = q
         result = outcome[sha]
@@ -456,7 +460,7 @@ def ingest_batch(candidates: list[Candidate], source_id: int, data_root: Path, d
             accepted.append(dataclasses.replace(result, original_name=candidate.name, label=candidate.label,
                                                 provenance=provenance_of(candidate)))
     if accepted:
-        sync_data_root(data_root)  # files on disk before any row that points at them commits
+        store.sync()  # objects durable in the store before any row that points at them commits
 
     prompts = {candidate.name: candidate.prompt for candidate in candidates if candidate.prompt}
     with session_scope(get_engine(db_url)) as session:

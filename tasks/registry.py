@@ -237,11 +237,20 @@ def promote(session: Session, model_id: int) -> int | None:
 
 
 def delete_artifact(path: str) -> bool:
-    """Delete one model artifact; True when there was one. The only place artifacts are deleted, so
-    moving them (an object store) means changing this function alone."""
+    """Delete one model artifact; True when there was one. The only place artifacts are deleted.
+
+    ``path``: a key of the artifact store (what the catalog holds), or an absolute path (a row from
+    before keys)."""
     target = Path(path)
-    existed = target.is_file()
-    target.unlink(missing_ok=True)
+    if target.is_absolute():
+        existed = target.is_file()
+        target.unlink(missing_ok=True)
+        return existed
+    from facetrace.tasks.store import ArtifactStore
+
+    store = ArtifactStore.from_settings()
+    existed = store.exists(path)
+    store.delete(path)
     return existed
 
 

@@ -220,16 +220,21 @@ TEMP_PREFIX = ".tmp-"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def store_bytes(data_root: Path, record: ImageRecord, data: bytes, *, durable: bool = True) -> str:
-    """Write ``data`` under its content address (atomically) and return the path relative to the root.
+def store_bytes(store, record: ImageRecord, data: bytes, *, durable: bool = True) -> str:
+    """Write ``data`` under its content address (atomically) and return its key (the path relative
+    to the store's root). ``store``: an :class:`~facetrace.tasks.store.ArtifactStore`, or a local data root.
 
-    ``durable=False`` leaves flushing to the caller, who must call :func:`sync_data_root` before it
-    commits any catalog row that points at the file (one sync per batch instead of one per file).
+    ``durable=False`` leaves flushing to the caller, who must call the store's ``sync()`` (locally
+    :func:`sync_data_root`) before it commits any catalog row that points at the file (one sync per
+    batch instead of one per file).
     """
     rel = relative_path(record)
     if not _HEX64.fullmatch(record.sha256):  # the address is the digest: never let a name steer the path
         raise ValueError(f"not a sha256 hex digest: {record.sha256!r}")
-    write_atomically(Path(data_root) / rel, data, durable=durable)
+    if isinstance(store, (str, os.PathLike)):
+        write_atomically(Path(store) / rel, data, durable=durable)
+    else:
+        store.put_bytes(rel, data, durable=durable)
     return rel
 
 

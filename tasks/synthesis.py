@@ -757,7 +757,7 @@ def original_name(request_key: str, index: int) -> str:
 
 @task(name="catalogue-generated", cache_policy=NO_CACHE, tags=["catalog"], retries=2, retry_delay_seconds=[1, 5])
 def catalogue_generated(images: list[GeneratedImage], prompts: dict[int, PromptSpec], request_key: str,
-                        source_id: int, data_root: Path, catalog_url: str,
+                        source_id: int, store, catalog_url: str,
                         flow_run_id: str | None = None,
                         stored_prompt_ids: dict[int, int] | None = None) -> GenerationCounts:
     """Store a batch's files, then write its prompts, images and generation rows in one transaction:
@@ -776,7 +776,7 @@ def catalogue_generated(images: list[GeneratedImage], prompts: dict[int, PromptS
         except Quarantine as q:
             stored.append((image, q))
             continue
-        path = store_bytes(Path(data_root), record, image.png)
+        path = store_bytes(store, record, image.png)  # an ArtifactStore, or a local data root
         stored.append((image, AcceptedImage(original_name(request_key, image.item.index), "synthetic", path,
                                             record, provenance="complete")))
     with session_scope(get_engine(catalog_url)) as session:

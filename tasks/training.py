@@ -889,12 +889,14 @@ def save_inference_model(model, path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
-    """Load a saved detector with Keras safe mode, refusing a file whose sha256 changed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    if expected_sha256 and file_sha256(path) != expected_sha256:
-        raise ValueError(f"model file {path} does not match its registered sha256; refusing to load it")
+    """Load a saved detector with Keras safe mode, refusing a file whose sha256 changed.
+
+    ``path``: the model's store key as the catalog holds it (read through this machine's cache), or
+    a local absolute path. A changed file raises ValueError (:class:`~facetrace.tasks.store.AlteredObject`).
+    """
+    from facetrace.tasks.store import artifact_file
+
+    path = artifact_file(path, expected_sha256)
     configure_tensorflow()
     import keras
 
@@ -1086,14 +1088,20 @@ def predict_files(model, config: PreprocessConfig, threshold: float, paths: Sequ
 def prepare_tensors(split: SnapshotSplit, preprocess: PreprocessConfig, data_dir: Path,
                     threads: int) -> dict[str, str]:
     """Decode, crop, re-encode and resize every image once; cached on disk per snapshot, split and size."""
+    from facetrace.tasks.store import ObjectCache, image_paths
+
     root = Path(data_dir) / "cache" / "tensors" / f"snapshot-{split.snapshot_id}" / \
         f"{preprocess.image_size}px-{preprocess.key()}"
+    objects = ObjectCache.from_settings(data_dir=data_dir)
     files = {}
     for part in ("train", "validation", "test"):
         images = split.part(part)
         file = root / f"{part}.npy"
-        cached_tensors([str(Path(data_dir) / i.path) for i in images], [i.sha256 for i in images], preprocess,
-                       file, threads=threads)
+        shas = [i.sha256 for i in images]
+        # Images come from the artifact store through the object cache (sha256 checked), only when
+        # these tensors are not built yet: a warm tensor cache reads no image at all.
+        built = file.exists() and _cache_matches(file.with_suffix(".json"), shas, preprocess)
+        cached_tensors([] if built else image_paths(images, objects), shas, preprocess, file, threads=threads)
         files[part] = str(file)
     return files
 

@@ -135,3 +135,48 @@ def shared_faces() -> Path:
     if not (SHARED_DATA / "Real").is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+# ---------------------------------------------------------------- the artifact store (local and S3)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server on a free loopback port for the session (tests make their own buckets)."""
+    from tests.s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, monkeypatch: pytest.MonkeyPatch):
+    """The artifact store URL on each backend: None (the data root itself), or a fresh S3 bucket.
+
+    The AWS variables are set in this process for the test (s3fs and worker processes read them)."""
+    if request.param == "local":
+        monkeypatch.delenv("FACETRACE_STORE_URL", raising=False)
+        yield None
+        return
+    server = request.getfixturevalue("s3_server")
+    if not server.running():  # a fault test stopped it and failed before starting it again
+        server.start()
+    for key, value in server.client_env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    server.create_bucket(bucket)
+    yield f"s3://{bucket}/store"
+
+
+@pytest.fixture
+def store_env(monkeypatch: pytest.MonkeyPatch, settings_env, store_url):
+    """settings_env plus FACETRACE_STORE_URL (when the store is remote); yields the fresh settings."""
+    from facetrace.settings import get_settings
+
+    if store_url:
+        monkeypatch.setenv("FACETRACE_STORE_URL", store_url)
+    else:
+        monkeypatch.delenv("FACETRACE_STORE_URL", raising=False)
+    yield get_settings(fresh=True)
+    get_settings(fresh=True)

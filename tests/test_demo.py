@@ -43,8 +43,9 @@ def test_demo_runs_the_offline_pipeline_and_prints_a_summary(tmp_path: Path) -> 
     # Both backbones share the demo's input size, so their mean is registered as a third candidate.
     assert backbones == {"mobilenet_v2", "xception", "ensemble"}
     (metrics, card), = catalog.execute("SELECT metrics, model_card FROM models WHERE backbone = 'ensemble'")
-    assert "roc_auc" in json.loads(metrics)["test"] and Path(json.loads(metrics)["reports"]["gradcam"]).is_file()
-    assert "the mean P(synthetic) of `mobilenet_v2`, `xception`" in Path(card).read_text()
+    data = tmp_path / "data"  # the local artifact store: the catalog holds keys relative to it
+    assert "roc_auc" in json.loads(metrics)["test"] and (data / json.loads(metrics)["reports"]["gradcam"]).is_file()
+    assert "the mean P(synthetic) of `mobilenet_v2`, `xception`" in (data / card).read_text()
     assert catalog.execute("SELECT COUNT(*) FROM models WHERE stage = 'champion'").fetchone()[0] == 1
     # LFW thumbnails against the tiny generator: every model knows it is a toy, and the summary says so.
     assert all(json.loads(m)["demo_data"] for (m,) in catalog.execute("SELECT metrics FROM models"))

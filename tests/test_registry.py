@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -314,13 +314,18 @@ def write_faces(root: Path, per_class: int = 14) -> Path:
 
 @pytest.mark.slow
 def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
-        prefect_harness, sqlite_settings_env, tmp_path, capsys, monkeypatch):
+        prefect_harness, sqlite_settings_env, store_url, tmp_path, capsys, monkeypatch):
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.db.models import Model, Snapshot
     from facetrace.cli.main import main
     from facetrace.flows.ingest import ingest_faces
     from facetrace.flows.train import train_and_evaluate
+    from facetrace.settings import get_settings
+    from facetrace.tasks.store import ArtifactStore
 
+    if store_url:
+        monkeypatch.setenv("FACETRACE_STORE_URL", store_url)
+    store = ArtifactStore.from_settings(get_settings(fresh=True))
     data_dir = sqlite_settings_env.data_dir
     faces = write_faces(tmp_path / "faces")
     ingest_faces(kind="folder", path=str(faces))
@@ -338,8 +343,9 @@ def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
     assert (rows["mobilenet_v2"].image_size, rows["xception"].image_size) == (48, 71)
     assert sorted(row.stage for row in rows.values()) == ["candidate", "champion"]
     for backbone, row in rows.items():
-        path = Path(row.path)
-        assert path.is_file() and path.suffix == ".keras" and data_dir.resolve() in path.resolve().parents
+        path = PurePosixPath(row.path)  # a store key, never this machine's path
+        assert not path.is_absolute() and path.parts[:2] == ("models", backbone) and path.suffix == ".keras"
+        assert store.exists(row.path) and store.exists(row.model_card) and str(data_dir) not in str(row.metrics)
         assert row.threshold is not None and 0.0 <= row.threshold <= 1.0
         test = row.metrics["test"]
         for key in ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "precision", "recall", "f1", "ece"):
@@ -348,12 +354,16 @@ def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
                                                                    "format_swapped"}
         assert row.metrics["per_source"]
         for name in ("roc", "confusion", "misclassified", "gradcam"):
-            assert Path(row.metrics["reports"][name]).is_file()
-        card = Path(row.model_card).read_text()
+            assert store.exists(row.metrics["reports"][name])
+        card = store.get_bytes(row.model_card).decode()
         assert backbone in card and "Confound audit" in card
         assert row.hyperparameters["precision"] in ("float32", "mixed_bfloat16")  # "auto" resolved, as trained
         assert f"{row.hyperparameters['precision']} compute" in card
-        assert Path(row.model_card).parent == path.parent
+        assert PurePosixPath(row.model_card).parent == path.parent
+        assert store.exists(f"{PurePosixPath(row.metrics['reports']['roc']).parent}/report.md")
+        assert store.list(row.metrics["training"]["tensorboard"])  # TensorBoard logs published too
+    if not store.local:  # nothing of this machine's data root was left where a key should be
+        assert not (data_dir / "models").exists() and not (data_dir / "reports").exists()
 
     capsys.readouterr()
     assert main(["models", "--format", "json"]) == 0

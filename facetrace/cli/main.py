@@ -194,7 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = get_settings()
     with session_scope(get_engine(settings.catalog_url)) as session:
         counts = status_counts(session)
-    print(f"catalog: {settings.catalog_url}\ndata root: {settings.data_dir.resolve()}")
+    print(f"catalog: {settings.catalog_url}\ndata root: {settings.data_dir.resolve()}\n"
+          f"artifact store: {settings.store_url or settings.data_dir.resolve()}")
     print_table(["label", "status", "images"], counts["by_label"], title="images by label")
     print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by source")
     print_table(["reason", "files"], counts["rejected"], title="quarantined files")
@@ -244,10 +245,13 @@ def print_demo_summary(elapsed_s: float) -> None:
     print_table(["source kind", "source", "label", "images"], counts["by_source"], title="images by label and source")
     print_table(["suite", "success", "critical failure"],
                 [(v.suite, v.success, v.critical_failure) for v in validation], title="validation (latest run)")
+    from facetrace.tasks.store import ArtifactStore
+
+    store = ArtifactStore.from_settings(settings)  # the catalog holds keys; print where they are
     docs = next((v.data_docs for v in validation if v.data_docs), None)
     if docs:
         site, found, _ = docs.partition("local_site")
-        print(f"data docs: {site + found + '/index.html' if found else docs}")
+        print(f"data docs: {store.url_for(site + found + '/index.html' if found else docs)}")
     metric_names = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "accuracy", "f1", "ece")
     rows = []
     for m in models:
@@ -260,9 +264,9 @@ def print_demo_summary(elapsed_s: float) -> None:
               + (" -- WARNING: the classes can be told apart without looking at faces" if audit.get("warning") else ""))
     champion = next((m for m in models if m.stage == "champion"), None)
     if champion:
-        print(f"champion: model {champion.id} ({champion.backbone}) at {champion.path}")
+        print(f"champion: model {champion.id} ({champion.backbone}) at {store.url_for(champion.path)}")
         if champion.model_card:
-            print(f"model card: {champion.model_card}")
+            print(f"model card: {store.url_for(champion.model_card)}")
         from facetrace.tasks.registry import model_warnings
 
         for warning in model_warnings(champion.metrics):
