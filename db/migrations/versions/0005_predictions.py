@@ -1,7 +1,7 @@
 """predictions: what the served champion said (`facetrace api`), and the predictions_daily view
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 """
 from alembic import op
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from facetrace.db.views import create_view_sql, drop_view_sql
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
