@@ -486,9 +486,3 @@ def weights_text(training: Mapping[str, Any]) -> str:
     checked = ", hash pinned by Keras checked" if source.get("hash_checked") else ""
     return (f"{kind} (`{source.get('name')}`, sha256 `{str(source.get('sha256'))[:16]}…`, "
             f"from {source.get('origin')}{checked}); frozen backbone, then the top layers fine-tuned")
-
-
-def write_model_card(directory: Path, markdown: str) -> Path:
-    path = Path(directory) / "model_card.md"
-    path.write_text(markdown)
-    return path
