@@ -161,7 +161,7 @@ def rows(workdir: Path) -> list[dict]:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # The harness's new server database: usage telemetry writing to it during migrations made it
-    # fail with "database is locked" on a loaded machine (as the CLI found; see facetrace/cli/main.py).
+    # fail with "database is locked" on a loaded machine (as the CLI found; see facetrace/cli/app.py).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cache = workdir / "cache"

@@ -45,7 +45,7 @@ def _row_counts(url: str) -> dict[str, int]:
 
 
 def _sql(capsys, *args: str) -> tuple[int, str, str]:
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     code = main(["sql", *args])
     out, err = capsys.readouterr()
@@ -114,7 +114,7 @@ def test_sql_reports_a_bad_query_in_one_line(settings_env, capsys):
 
 
 def test_status_counts_by_label_source_and_reason(settings_env, tmp_path, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     _populate(settings_env, tmp_path)
     assert main(["status"]) == 0
@@ -123,7 +123,7 @@ def test_status_counts_by_label_source_and_reason(settings_env, tmp_path, capsys
 
 
 def test_ingest_without_a_path_is_one_line(sqlite_settings_env, capsys, tmp_path):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     assert main(["ingest", "folder"]) == 2
     assert main(["ingest", "folder", str(tmp_path / "missing")]) != 0
@@ -135,7 +135,7 @@ def _modules_after(argv: list[str], env: dict[str, str]) -> tuple[set[str], subp
     """Run the CLI's main() in a fresh interpreter; return which heavy packages it imported."""
     probe = (
         "import sys, json\n"
-        "from facetrace.cli.main import main\n"
+        "from facetrace.cli.app import main\n"
         "try:\n"
         f"    code = main({argv!r})\n"
         "except SystemExit as exit:\n"
@@ -208,7 +208,7 @@ def _register_model(settings, backbone: str, path: str, metrics: dict, hyperpara
 
 
 def test_tables_into_a_pipe_never_cut_a_value(sqlite_settings_env, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     long_path = "/models/" + "mobilenet_v2-" * 12 + "weights.keras"
     _register_model(sqlite_settings_env, "mobilenet_v2_with_a_long_name", long_path, {"test": {"roc_auc": 1.0}})
@@ -236,7 +236,7 @@ def test_tables_through_cat_keep_whole_names(sqlite_settings_env):
 
 
 def test_json_has_real_numbers_and_big_integers_as_strings(sqlite_settings_env, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     _register_model(sqlite_settings_env, "mobilenet_v2", "/m/model.keras",
                     {"test": {"roc_auc": 0.875, "tpr_at_1pct_fpr": 0.5, "tpr_at_5pct_fpr": 1.0},
@@ -255,7 +255,7 @@ def test_json_has_real_numbers_and_big_integers_as_strings(sqlite_settings_env, 
 
 
 def test_models_table_rounds_numbers_for_display(sqlite_settings_env, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     _register_model(sqlite_settings_env, "xception", "/m/x.keras", {"test": {"roc_auc": 0.123456789}})
     capsys.readouterr()
@@ -265,7 +265,7 @@ def test_models_table_rounds_numbers_for_display(sqlite_settings_env, capsys):
 
 
 def test_verbose_is_accepted_before_and_after_the_verb(sqlite_settings_env, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     assert main(["--verbose", "ingest", "folder"]) == 2
     assert main(["ingest", "folder", "-v"]) == 2
@@ -282,7 +282,7 @@ def test_demo_summary_prints_commands_that_work_from_the_users_shell(sqlite_sett
     import os
     import shlex
 
-    from facetrace.cli.main import print_demo_summary
+    from facetrace.cli.app import print_demo_summary
 
     _populate(sqlite_settings_env, tmp_path)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no venv on PATH, as in a fresh shell
@@ -309,12 +309,12 @@ def test_demo_summary_prints_commands_that_work_from_the_users_shell(sqlite_sett
 def test_help_of_every_verb_imports_neither_tensorflow_nor_torch(tmp_path):
     import os
 
-    from facetrace.cli.main import VERBS, build_parser
+    from facetrace.cli.app import VERBS, build_parser
 
     build_parser()  # registers every verb module's verbs
     probe = (
         "import contextlib, io, json, sys\n"
-        "from facetrace.cli.main import VERBS, main\n"
+        "from facetrace.cli.app import VERBS, main\n"
         "for verb in ['--help', *sys.argv[1:]]:\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main([verb] if verb == '--help' else [verb, '--help'])\n"

@@ -44,7 +44,7 @@ def test_bomb_rejection_quotes_the_configured_limit_not_pillows(monkeypatch):
 
 def test_an_ingest_that_catalogues_nothing_fails_with_the_reason_and_a_hint(prefect_harness, sqlite_settings_env,
                                                                             tmp_path, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     flat = tmp_path / "flat"
     _faces(flat, 3)
@@ -94,7 +94,7 @@ def test_the_inbox_moves_each_recorded_file_out_and_never_overwrites(prefect_har
 
 
 def test_a_users_folder_is_never_moved_unless_asked(prefect_harness, sqlite_settings_env, tmp_path, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     folder = tmp_path / "mine" / "Real"
     pictures = _faces(folder, 2)

@@ -31,7 +31,7 @@ def facetrace(env: dict[str, str], *argv: str, timeout: float = 300) -> subproce
 
 def test_kaggle_without_credentials_or_api_answers_before_importing_prefect(tmp_path):
     env = private_env(tmp_path)
-    probe = ("import sys\nfrom facetrace.cli.main import main\ncode = main(['ingest', 'kaggle'])\n"
+    probe = ("import sys\nfrom facetrace.cli.app import main\ncode = main(['ingest', 'kaggle'])\n"
              "print('prefect' in sys.modules, file=sys.stderr)\nsys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""

@@ -365,7 +365,7 @@ def test_write_prompts_flow_with_the_key_in_a_secret_block(prefect_harness, sqli
 
 
 def test_cli_prompts_prints_the_stored_prompts(prefect_harness, sqlite_settings_env, capsys) -> None:
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     assert main(["prompts", "--count", "3", "--llm", "template", "--style", "simple", "--seed", "4"]) == 0
     out = capsys.readouterr().out

@@ -317,7 +317,7 @@ def test_whole_path_snapshot_split_both_backbones_evaluation_registry_predict(
         prefect_harness, sqlite_settings_env, store_url, tmp_path, capsys, monkeypatch):
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.db.models import Model, Snapshot
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
     from facetrace.flows.ingest import ingest_faces
     from facetrace.flows.train import train_and_evaluate
     from facetrace.settings import get_settings
@@ -420,7 +420,7 @@ def test_training_refuses_a_catalog_whose_latest_validation_failed_critically(pr
                                                                               capsys):
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.db.models import Snapshot, ValidationRun
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     with session_scope(get_engine()) as session:
         session.add(ValidationRun(suite="catalog", success=False, critical_failure=True, statistics={},

@@ -158,7 +158,7 @@ def test_reproduce_regenerates_tiny_images_byte_for_byte(prefect_harness, sqlite
 
 
 def test_cli_generate_and_reproduce(prefect_harness, sqlite_settings_env, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     settings = sqlite_settings_env
     assert main(["generate", "--count", "3", "--size", "32", "--steps", "2", "--batch-size", "2",
@@ -330,7 +330,7 @@ def test_model_names_are_resolved_or_refused_clearly(tmp_path):
 
 def test_an_uncached_hub_model_fails_clearly_offline(monkeypatch, tmp_path, prefect_harness, sqlite_settings_env,
                                                      capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
     from facetrace.tasks.synthesis import ModelChoice, ModelUnavailable, load_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -389,7 +389,7 @@ def test_the_cli_module_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys; from facetrace.cli.main import build_parser; build_parser(); "
+    code = ("import sys; from facetrace.cli.app import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -72,7 +72,7 @@ def test_the_model_card_and_the_warnings_name_a_toy_and_a_confound():
 
 
 def test_predict_warns_on_stderr_before_it_loads_the_model(sqlite_settings_env, tmp_path, capsys):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
     from test_cli import _register_model
 
     toy = "trained on the demo's data: every real image is one of the bundled 25x25 LFW thumbnails; a toy"

@@ -282,7 +282,7 @@ def test_near_duplicates_are_counted_exactly():
 
 def test_flow_records_runs_writes_docs_and_fails_critically(catalog, prefect_harness, capsys):
     from facetrace.expectations.gate import CatalogInvalid, ensure_catalog_valid, latest_validation_failed_critically
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
     from facetrace.flows.validate import CriticalValidationFailure, validate_catalog
 
     engine = catalog["engine"]
@@ -335,7 +335,7 @@ def test_warnings_do_not_fail_the_flow(catalog, prefect_harness):
 
 
 def test_cli_start_up_does_not_import_great_expectations():
-    code = ("import sys; from facetrace.cli.main import build_parser; build_parser(); "
+    code = ("import sys; from facetrace.cli.app import build_parser; build_parser(); "
             "print('great_expectations' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

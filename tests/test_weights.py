@@ -180,7 +180,7 @@ def test_a_folder_mirror_and_the_origin_urls_use_keras_file_names(tmp_path):
 
 def test_the_weights_verb_prefetches_for_an_offline_run_and_fails_with_a_reason(served, tmp_path, capsys,
                                                                                monkeypatch):
-    from facetrace.cli.main import main
+    from facetrace.cli.app import main
 
     mirror, root, _ = served
     monkeypatch.setitem(training.BACKBONES, "mobilenet_v2", training.dataclasses.replace(

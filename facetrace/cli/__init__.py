@@ -1,5 +1,5 @@
-"""The `facetrace` command line: each verb runs a flow or reads the catalog (see :mod:`.main`)."""
+"""The `facetrace` command line: each verb runs a flow or reads the catalog (see :mod:`.app`)."""
 
-from facetrace.cli.main import build_parser, main
+from facetrace.cli.app import build_parser, main
 
 __all__ = ["build_parser", "main"]

@@ -1,5 +1,5 @@
 import sys
 
-from facetrace.cli.main import main
+from facetrace.cli.app import main
 
 sys.exit(main())

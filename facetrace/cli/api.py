@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from facetrace.cli.main import CLIError, verb
+from facetrace.cli.app import CLIError, verb
 
 
 def add_parsers(sub) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from facetrace.cli.main import CLIError, print_table, verb
+from facetrace.cli.app import CLIError, print_table, verb
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

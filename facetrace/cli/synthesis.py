@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrace.cli.main import CLIError, print_json, print_table, verb
+from facetrace.cli.app import CLIError, print_json, print_table, verb
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facetrace.cli.main import CLIError, print_json, print_table, verb
+from facetrace.cli.app import CLIError, print_json, print_table, verb
 from facetrace.tasks.sources import IMAGE_SUFFIXES
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facetrace.cli.main import print_table, verb
+from facetrace.cli.app import print_table, verb
 
 
 def add_parsers(sub) -> None:
