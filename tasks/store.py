@@ -16,7 +16,6 @@ Machine-local things (caches, the inbox, build folders) stay under the data root
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from facetrace.tasks.storage import TEMP_PREFIX, file_sha256, sync_data_root, write_atomically
+from facetrace.tasks.storage import TEMP_PREFIX, file_sha256, sha256_hex, sync_data_root, write_atomically
 
 OBJECTS_CACHE = Path("cache") / "objects"
 
@@ -383,7 +382,7 @@ class ObjectCache:
 
     def _keep(self, key: str, sha256: str, data: bytes) -> Path:
         """Verified bytes of ``key`` into the cache (atomically: a reader never sees half an entry)."""
-        _verify(sha256_of(data), sha256, key, self.store)
+        _verify(sha256_hex(data), sha256, key, self.store)
         entry = self._entry(key, sha256)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{entry.name}")
@@ -481,10 +480,6 @@ def artifact_file(ref: str | os.PathLike, sha256: str | None = None, cache: Obje
     if not local.is_file():
         raise FileNotFoundError(f"{key} is not in the artifact store {cache.store.url}")
     return local
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------- folders built here, published there
