@@ -131,12 +131,17 @@ def measure(name: str, paths: list[Path], workdir: Path) -> dict:
 def rows(workdir: Path) -> list[dict]:
     from prefect.testing.utilities import prefect_test_harness
 
+    from facetrace.flows.common import foreground_runs
+
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     small = generate_faces(workdir / "small", SMALL_COUNT)
     photos = project_faces(workdir / "photos", PHOTO_COUNT)
     warmup = generate_faces(workdir / "warmup", 8, seed=1)
-    with prefect_test_harness(server_startup_timeout=120):
+    # Written back now, not by the flow's first per-batch sync: the flow pays for its own writes only.
+    os.sync()
+    # As `facetrace ingest` runs it: in the foreground, without Prefect's heartbeat thread.
+    with prefect_test_harness(server_startup_timeout=120), foreground_runs():
         flow_run(warmup[0].parent, workdir / "warmup-data")  # imports, the API, mappers
         # Face photos at the project's own sizes first; tiny files second, where per-file costs
         # (atomic create + rename, Prefect's fixed per-run cost) dominate a decode that takes < 1 ms.

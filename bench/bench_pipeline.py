@@ -159,6 +159,8 @@ def run_pipeline(data_dir: Path, cache: Path, direct: bool) -> dict[str, float]:
 def rows(workdir: Path) -> list[dict]:
     from prefect.testing.utilities import prefect_test_harness
 
+    from facetrace.flows.common import foreground_runs
+
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # The harness's new server database: usage telemetry writing to it during migrations made it
     # fail with "database is locked" on a loaded machine (as the CLI found; see facetrace/cli/app.py).
@@ -166,7 +168,8 @@ def rows(workdir: Path) -> list[dict]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cache = workdir / "cache"
     cache.mkdir()
-    with prefect_test_harness(server_startup_timeout=120):
+    # As `facetrace demo` runs it: in the foreground, without Prefect's heartbeat thread.
+    with prefect_test_harness(server_startup_timeout=120), foreground_runs():
         # Warm-up: imports (TensorFlow, torch, diffusers, GX), the tiny pipeline's build, flows and
         # tasks known to the API, page cache.
         run_pipeline(workdir / "warmup", cache, direct=False)

@@ -406,7 +406,7 @@ def _label_conflict(name: str, label: str, other: str, sha256: str, size: int) -
                         "image is quarantined and left out of training", sha256=sha256, size=size)
 
 
-@task(retries=2, retry_delay_seconds=[1, 5], tags=["catalog"], cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
 def ingest_batch(candidates: list[Candidate], source_id: int, store: ArtifactStore | Path, db_url: str,
                  limits: Limits, flow_run_id: str | None = None) -> BatchCounts:
     """Inspect, store and catalogue one batch; the batch's rows commit together, after its objects exist.

@@ -755,7 +755,7 @@ def original_name(request_key: str, index: int) -> str:
     return f"generated/{request_key[:16]}/{index:06d}.png"
 
 
-@task(name="catalogue-generated", cache_policy=NO_CACHE, tags=["catalog"], retries=2, retry_delay_seconds=[1, 5])
+@task(name="catalogue-generated", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 def catalogue_generated(images: list[GeneratedImage], prompts: dict[int, PromptSpec], request_key: str,
                         source_id: int, store, catalog_url: str,
                         flow_run_id: str | None = None,

@@ -348,3 +348,30 @@ def test_a_failed_flow_run_is_one_line_on_stderr_and_the_traceback_is_in_verbose
     assert verbose.returncode == done.returncode
     assert "Traceback" in verbose.stderr and "Finished in state Failed" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1].startswith("facetrace prompts: no OpenAI API key")
+
+
+def test_flows_the_command_line_runs_itself_skip_heartbeats_unless_configured(prefect_harness, sqlite_settings_env,
+                                                                              monkeypatch):
+    """Prefect joins a flow run's heartbeat thread at exit while it sleeps in one-second steps; the
+    CLI's own (foreground) runs go without it, a user's explicit setting wins, `serve` keeps it."""
+    from prefect import flow
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    from facetrace.cli import app
+
+    seen: list = []
+
+    @flow
+    def probe() -> None:  # what Prefect's flow engine reads when it decides to start the thread
+        seen.append(get_current_settings().flows.heartbeat_frequency)
+
+    monkeypatch.setitem(app.VERBS, "ingest", lambda args: probe() or 0)
+    monkeypatch.delitem(app.PRECHECKS, "ingest")
+    assert get_current_settings().flows.heartbeat_frequency is not None  # Prefect's default is on
+    assert app.main(["ingest", "sample"]) == 0
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        assert app.main(["ingest", "sample"]) == 0
+        with app.foreground("serve"):
+            assert get_current_settings().flows.heartbeat_frequency == 60
+    assert seen == [None, 60]
+    assert get_current_settings().flows.heartbeat_frequency is not None  # restored after the command

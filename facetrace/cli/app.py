@@ -43,6 +43,18 @@ def connect_prefect():
     return prefect_api(settings.data_dir, enabled=settings.local_server, announce=announce_server)
 
 
+def foreground(verb: str):
+    """Flows this command runs in its own process skip Prefect's heartbeats (flows/common.py); `serve`
+    hands its runs to Prefect's runner, which keeps them."""
+    if verb == "serve":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from facetrace.flows.common import foreground_runs
+
+    return foreground_runs()
+
+
 def announce_server(state: dict) -> None:
     print(f"facetrace: started a Prefect server for this data root; UI at {state['ui_url']} "
           "(`facetrace server stop` stops it)", file=sys.stderr)
@@ -413,7 +425,7 @@ def run_verb(args: argparse.Namespace, verbose: bool) -> int:
             PRECHECKS[args.verb](args)
         if args.verb not in FLOW_VERBS:
             return VERBS[args.verb](args)
-        with connect_prefect():
+        with connect_prefect(), foreground(args.verb):
             return VERBS[args.verb](args)
     except KeyboardInterrupt as exc:
         error, code, message = exc, 130, "interrupted"
