@@ -55,6 +55,8 @@ def threshold_allowing(labels: Sequence[int], scores: Sequence[float], allowed: 
 
 
 THRESHOLD_RULES = ("upper_bound", "empirical")
+# The format-swapped robustness row may fall at most this far below the original's ROC AUC.
+FORMAT_SWAP_TOLERANCE = 0.01
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -345,6 +347,14 @@ def model_warnings(metrics: Mapping[str, Any] | None) -> list[str]:
         auc = confound.get("roc_auc")
         warnings.append("confound: file metadata alone (format, size) separates real from synthetic in its training "
                         f"data{f' (ROC AUC {auc:.3f})' if isinstance(auc, (int, float)) else ''}; see its model card")
+    swapped = next((row.get("roc_auc_vs_original") for row in metrics.get("robustness") or []
+                    if row.get("variant") == "format_swapped"), None) or {}
+    if swapped.get("delta") is not None and swapped.get("interval") and swapped["delta"] < -FORMAT_SWAP_TOLERANCE \
+            and swapped["interval"][1] < 0:
+        lo, hi = swapped["interval"]
+        warnings.append(f"file history: with real faces as PNG and synthetic ones as JPEG its ROC AUC drops by "
+                        f"{-swapped['delta']:.3f} (95% interval of the change {lo:+.3f} to {hi:+.3f}); it leans on the "
+                        "file format, not only the face")
     return warnings
 
 
@@ -454,11 +464,16 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
         lines += ["", f"Confusion at the threshold: TN {confusion['tn']}, FP {confusion['fp']}, "
                       f"FN {confusion['fn']}, TP {confusion['tp']} (n = {test.get('n')})."]
     if metrics.get("per_source"):
-        lines += ["", "### Per source", "",
-                  *_table(metrics["per_source"], ["source", "label", "n", "accuracy", "mean_score"])]
+        from facetrace.tasks.evaluation import per_source_lines
+
+        lines += ["", "### Per source", "", "At the decision threshold; accuracy with its exact (Clopper-Pearson) "
+                  "95% interval, mean score with a bootstrap one.", "", *per_source_lines(metrics["per_source"])]
     if metrics.get("robustness"):
+        from facetrace.tasks.evaluation import robustness_lines
+
         lines += ["", "### Robustness (same test images, transformed before prediction)", "",
-                  *_table(metrics["robustness"], ["variant", "n", "roc_auc", "accuracy", "tpr_at_5pct_fpr", "fpr"])]
+                  "95% bootstrap intervals; \"vs original\": the variant's ROC AUC minus the original's on the same "
+                  "images, with a paired bootstrap interval.", "", *robustness_lines(metrics["robustness"])]
     if confound:
         lines += ["", "## Confound audit", "",
                   f"A {confound.get('classifier')} on file metadata only ({', '.join(confound.get('features', []))}), "
