@@ -73,43 +73,60 @@ def report(record: dict, out: str | None) -> None:
 
 
 SPREAD_METRICS = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "realised_fpr")
+# Realised test FPRs of the other thresholds, where a run recorded them (--threshold-holdout).
+FPR_COLUMNS = {"realised_fpr": "validation split, settings' rule",
+               "realised_fpr_empirical_rule": "validation split, empirical rule",
+               "realised_fpr_holdout": "held-out share, settings' rule",
+               "realised_fpr_holdout_empirical_rule": "held-out share, empirical rule"}
+
+
+def _recorded(records: list[dict], backbone: str) -> list[str]:
+    """The spread metrics and FPR columns every fold of every seed has."""
+    folds = [f for record in records for f in record["results"][backbone]["per_fold"]]
+    return [k for k in dict.fromkeys([*SPREAD_METRICS, *FPR_COLUMNS]) if all(k in f for f in folds)]
 
 
 def seed_summary(records: list[dict]) -> dict[str, dict]:
-    """Per backbone: each seed's fold means of the spread metrics, and their mean and sd over seeds."""
+    """Per backbone: each seed's fold means of the spread metrics (and of every recorded realised FPR),
+    how many folds went over the target at each threshold, and their mean and sd over seeds."""
     summary: dict[str, dict] = {}
     for backbone in records[0]["results"]:
+        metrics = _recorded(records, backbone)
+        fprs = [k for k in metrics if k in FPR_COLUMNS]
         per_seed = []
         for record in records:
             folds = record["results"][backbone]["per_fold"]
             per_seed.append({"seed": record.get("seed"),
-                             **{k: float(np.nanmean([f[k] for f in folds])) for k in SPREAD_METRICS},
+                             **{k: float(np.nanmean([f[k] for f in folds])) for k in metrics},
                              "target_fpr": folds[0]["target_fpr"], "threshold_rule": folds[0]["threshold_rule"],
                              "folds_over_target": sum(f["realised_fpr"] > f["target_fpr"] for f in folds),
+                             "over_target": {k: sum(f[k] > f["target_fpr"] for f in folds) for k in fprs},
                              "folds": len(folds)})
         summary[backbone] = {"per_seed": per_seed, **{
             k: {"mean": float(np.mean([s[k] for s in per_seed])),
                 "sd": float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else float("nan")}
-            for k in SPREAD_METRICS}}
+            for k in metrics}}
     return summary
 
 
 def report_seeds(records: list[dict], out: str | None) -> None:
     """Per fold (every seed) and mean ± sd over seeds of fold-mean ROC AUC, TPR at 1% and 5% FPR and
-    the realised FPR at the registered threshold; writes every seed's record and the summary."""
+    the realised FPR at the registered threshold (and at every other recorded threshold); writes every
+    seed's record and the summary."""
     summary = seed_summary(records)
     print(f"\nPer fold ({len(records)} seeds): realised test FPR at the registered threshold vs the target\n")
-    print("| backbone | seed | fold | test reals | ROC AUC | TPR@1%FPR | TPR@5%FPR | threshold rule | realised FPR "
-          "| expected FPR (95%) | target | realised FPR, empirical rule |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    for record in records:
-        for backbone, r in record["results"].items():
-            for f in r["per_fold"]:
+    for backbone in summary:
+        extra = [k for k in _recorded(records, backbone) if k in FPR_COLUMNS and k != "realised_fpr"]
+        print("| backbone | seed | fold | test reals | ROC AUC | TPR@1%FPR | TPR@5%FPR | threshold rule | realised FPR "
+              "| expected FPR (95%) | target | " + " | ".join(f"realised FPR, {FPR_COLUMNS[k]}" for k in extra) + " |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + "---:|" * len(extra))
+        for record in records:
+            for f in record["results"][backbone]["per_fold"]:
                 lo, hi = f["expected_fpr_interval"]
                 print(f"| {backbone} | {record.get('seed')} | {f['fold']} | {f['test_reals']} | {f['roc_auc']:.3f} | "
                       f"{f['tpr_at_1pct_fpr']:.3f} | {f['tpr_at_5pct_fpr']:.3f} | {f['threshold_rule']} | "
                       f"{f['realised_fpr']:.3f} | {lo:.3f}-{hi:.3f} | {f['target_fpr']:.2f} | "
-                      f"{f['realised_fpr_empirical_rule']:.3f} |")
+                      + " | ".join(f"{f[k]:.3f}" for k in extra) + " |")
     print(f"\nMean ± sd over seeds {', '.join(str(r.get('seed')) for r in records)} (each seed: the mean over "
           "its folds)\n")
     print("| backbone | ROC AUC | TPR@1%FPR | TPR@5%FPR | realised FPR at registered threshold | folds over target |")
@@ -119,6 +136,16 @@ def report_seeds(records: list[dict], out: str | None) -> None:
         total = sum(s["folds"] for s in b["per_seed"])
         print(f"| {backbone} | " + " | ".join(f"{b[k]['mean']:.3f} ± {b[k]['sd']:.3f}" for k in SPREAD_METRICS)
               + f" | {over} of {total} |")
+    for backbone, b in summary.items():
+        fprs = [k for k in FPR_COLUMNS if k in b]
+        if len(fprs) > 1:
+            total = sum(s["folds"] for s in b["per_seed"])
+            print(f"\n{backbone}: realised test FPR by where the threshold came from (target "
+                  f"{b['per_seed'][0]['target_fpr']:.2f}; mean ± sd over seeds)\n")
+            print("| threshold from | realised FPR | folds over target |\n|---|---:|---:|")
+            for k in fprs:
+                over = sum(s["over_target"][k] for s in b["per_seed"])
+                print(f"| {FPR_COLUMNS[k]} | {b[k]['mean']:.3f} ± {b[k]['sd']:.3f} | {over} of {total} |")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"seeds": records, "summary": summary}, indent=2, default=float))
@@ -167,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, help="seconds per fit")
     parser.add_argument("--no-format-neutral", action="store_true")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--threshold-holdout", type=float, default=0.0, metavar="SHARE",
+                        help="also set the threshold on a share of each fold's training part that neither fitting "
+                             "nor early stopping sees (e.g. 0.15), and report the realised FPR at it beside the "
+                             "validation split's (which picked the epoch)")
     parser.add_argument("--only-folds", help="comma-separated fold numbers to run (quick checks)")
     parser.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
     parser.add_argument("--seeds", default="0,1,2",
@@ -246,10 +277,11 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
         for fold in run_folds:
             test = np.flatnonzero(folds == fold)
             rest = np.flatnonzero(folds != fold)
-            inner = assign_groups([groups[i] for i in rest], [labels[i] for i in rest],
-                                  {"train": 0.85, "validation": 0.15}, seed + fold)
-            train = rest[[part == "train" for part in inner]]
-            val = rest[[part == "validation" for part in inner]]
+            shares = {"train": 0.85, "validation": 0.15}
+            if args.threshold_holdout:  # a share of its own that neither fitting nor early stopping sees
+                shares = {"train": 0.85 - args.threshold_holdout, "validation": 0.15, "holdout": args.threshold_holdout}
+            inner = np.array(assign_groups([groups[i] for i in rest], [labels[i] for i in rest], shares, seed + fold))
+            train, val, holdout = (rest[inner == part] for part in ("train", "validation", "holdout"))
             out_dir = settings.data_dir / "cache" / "crossval-models" / f"{backbone}-fold{fold}"
             fitted = training.train_backbone(tensors[train], y[train], tensors[val], y[val], config, out_dir,
                                              threads=args.threads)
@@ -260,6 +292,13 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                                     settings.target_fpr, settings.threshold_rule)
             empirical = operating_point(y[val], training.predict_scores(model, tensors[val], flip=flip),
                                         settings.target_fpr, "empirical")
+            held = {}
+            if len(holdout):
+                # The threshold from faces the model never met: neither fitted on nor used to pick the epoch.
+                held_scores = training.predict_scores(model, tensors[holdout], flip=flip)
+                for rule in (settings.threshold_rule, "empirical"):
+                    held[rule] = operating_point(y[holdout], held_scores, settings.target_fpr, rule)
+            val_scores = training.predict_scores(model, tensors[val], flip=flip)
             scores[test] = training.predict_scores(model, tensors[test])
             mirrored[test] = training.predict_scores(model, np.ascontiguousarray(tensors[test][:, :, ::-1]))
             registered = (scores[test] + mirrored[test]) / 2 if flip else scores[test]
@@ -273,12 +312,26 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                              "test_reals": int(len(test) - y[test].sum()),
                              "realised_fpr_empirical_rule": binary_metrics(y[test], registered,
                                                                            empirical["threshold"])["fpr"],
-                             "seconds": fitted.seconds, "epochs": fitted.epochs_run, "best_epoch": fitted.best_epoch})
+                             "seconds": fitted.seconds, "epochs": fitted.epochs_run, "best_epoch": fitted.best_epoch,
+                             # Kept so that other threshold rules can be scored later without refitting.
+                             "validation_labels": y[val].astype(int).tolist(), "validation_scores": val_scores.tolist(),
+                             "test_labels": y[test].astype(int).tolist(), "test_scores": registered.tolist()})
+            if held:
+                hr = held[settings.threshold_rule]
+                per_fold[-1].update({
+                    "holdout_reals": hr["real_faces"], "holdout_threshold": hr["threshold"],
+                    "realised_fpr_holdout": binary_metrics(y[test], registered, hr["threshold"])["fpr"],
+                    "expected_fpr_interval_holdout": hr["fpr_interval"],
+                    "realised_fpr_holdout_empirical_rule": binary_metrics(
+                        y[test], registered, held["empirical"]["threshold"])["fpr"]})
             del model
             _release_memory()
             print(f"  {backbone} seed {seed} fold {fold}: AUC {m['roc_auc']:.3f} TPR@1% {m['tpr_at_1pct_fpr']:.3f} "
                   f"TPR@5% {m['tpr_at_5pct_fpr']:.3f} FPR {m['fpr']:.3f} (target {settings.target_fpr}, "
-                  f"{point['rule']}; empirical rule {per_fold[-1]['realised_fpr_empirical_rule']:.3f}) "
+                  f"{point['rule']}; empirical rule {per_fold[-1]['realised_fpr_empirical_rule']:.3f}"
+                  + (f"; from the held-out share: {per_fold[-1]['realised_fpr_holdout']:.3f}, empirical "
+                     f"{per_fold[-1]['realised_fpr_holdout_empirical_rule']:.3f}, {len(holdout)} images" if held else "")
+                  + ") "
                   f"({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best {fitted.best_epoch})", file=sys.stderr)
         done = ~np.isnan(scores)
         pooled = binary_metrics(y[done], scores[done], 0.5)

@@ -38,3 +38,23 @@ def test_mean_and_sd_over_seeds_of_each_seeds_fold_means(tmp_path, capsys):
     assert "| xception | 1 | 0 | 40 |" in printed and "1 of 6" in printed
     assert f"{np.mean(fold_means):.3f} ± {np.std(fold_means, ddof=1):.3f}" in printed
     assert json.loads(out.read_text())["summary"]["xception"]["roc_auc"]["mean"] == pytest.approx(np.mean(fold_means))
+
+
+def test_thresholds_from_a_held_out_share_are_reported_beside_the_validation_splits(capsys):
+    """--threshold-holdout records a second realised FPR per fold; the summary compares where the
+    threshold came from, with folds over the target for each."""
+    records = [record(0, [0.9, 0.8], [0.15, 0.10]), record(1, [0.95, 0.95], [0.125, 0.0])]
+    for r, held in zip(records, ([0.04, 0.0], [0.02, 0.06])):
+        for fold, fpr in zip(r["results"]["xception"]["per_fold"], held):
+            fold.update(realised_fpr_holdout=fpr, realised_fpr_holdout_empirical_rule=fpr + 0.05)
+    summary = seed_summary(records)["xception"]
+    assert summary["realised_fpr_holdout"]["mean"] == pytest.approx(np.mean([0.02, 0.04]))
+    assert [s["over_target"]["realised_fpr_holdout"] for s in summary["per_seed"]] == [0, 1]
+    assert [s["over_target"]["realised_fpr"] for s in summary["per_seed"]] == [2, 1]
+    report_seeds(records, None)
+    printed = capsys.readouterr().out
+    assert "| held-out share, settings' rule | 0.030 ± 0.014 | 1 of 4 |" in printed
+    assert "| validation split, settings' rule | 0.094 ± 0.044 | 3 of 4 |" in printed
+    # A run without the held-out share prints no such comparison.
+    report_seeds([record(0, [0.9], [0.0])], None)
+    assert "held-out share" not in capsys.readouterr().out
