@@ -28,8 +28,8 @@ from facetrace.tasks.synthesis import (
     GenerationRequest,
     ModelChoice,
     catalogue_generated,
+    batch_task,
     defaults_for,
-    generate_batch,
     item_seed,
     load_model,
     plan_item_prompts,
@@ -131,11 +131,12 @@ def generate_synthetic_faces(
         items = [GenerationItem(i, prompts[i].text, prompts[i].negative_text, item_seed(seed, i)) for i in pending]
         choice = ModelChoice(model, revision, device, None, True, str(settings.data_dir / "cache"))
         described = load_model(choice)
+        generate = batch_task(described)  # tagged `gpu` on an accelerator
         with progress(f"generate {ref.model_id}") as bar:
             job = bar.add_task("images", total=len(items))
             for start in range(0, len(items), batch):
                 chunk = items[start:start + batch]
-                images = generate_batch(choice, chunk, options, run_id)
+                images = generate(choice, chunk, options, run_id)
                 stored_ids = ({i.index: prompt_ids[i.index % len(prompt_ids)] for i in chunk} if prompt_ids else None)
                 counts.add(catalogue_generated(images, {i.index: prompts[i.index] for i in chunk}, request.key,
                                                source_id, store, settings.catalog_url, run_id,

@@ -725,12 +725,25 @@ def load_model(choice: ModelChoice) -> dict[str, Any]:
     return get_pipeline(choice).describe()
 
 
-@task(name="generate-faces", cache_policy=NO_CACHE, tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
+@task(name="generate-faces", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_retry_unless_permanent, timeout_seconds=3600)
 def generate_batch(choice: ModelChoice, items: list[GenerationItem], options: SamplingOptions,
                    flow_run_id: str | None = None) -> list[GeneratedImage]:
     """One batch of images from the (cached) pipeline ``choice`` names."""
     return generate_images(get_pipeline(choice), items, options, flow_run_id)
+
+
+# A Prefect tag concurrency limit named `gpu` (`prefect concurrency-limit create gpu 1`) caps how many
+# batches share the accelerators. The tag costs an API round trip per task run (slots are leased
+# even where no limit exists: about a quarter of a second each, measured), so batches on the CPU,
+# which no GPU limit concerns, go without it.
+GPU_TAG = "gpu"
+
+
+def batch_task(model: dict[str, Any]):
+    """The generation task for a loaded pipeline described by ``model``: tagged `gpu` on an accelerator."""
+    device = str(model.get("device", "cpu"))
+    return generate_batch.with_options(tags=[GPU_TAG]) if device.split(":")[0] in ("cuda", "mps") else generate_batch
 
 
 @dataclass

@@ -121,7 +121,7 @@ def test_an_interrupted_run_completes_on_rerun_without_duplicates(prefect_harnes
 
     monkeypatch.setattr(synthesis, "run_pipeline", dies_after_first_batch)
     # No retry delays in a test: the interruption must reach the flow.
-    monkeypatch.setattr(generate_flow, "generate_batch", synthesis.generate_batch.with_options(retries=0))
+    monkeypatch.setattr(synthesis, "generate_batch", synthesis.generate_batch.with_options(retries=0))
     with pytest.raises(RuntimeError, match="power cut"):
         generate_flow.generate_synthetic_faces(n=8, batch_size=3, device="cpu", **FAST)
     assert [i for i, _ in generated_items(settings)] == [0, 1, 2]
@@ -419,3 +419,13 @@ def test_generation_from_stored_prompts_uses_them_and_reruns_add_nothing(prefect
     assert again["new"] == 0 and again["skipped"] == 4
     assert catalog_rows(settings) == before
     assert_complete_provenance(settings)
+
+
+def test_generation_batches_carry_the_gpu_tag_only_on_an_accelerator():
+    """The tag lets a Prefect concurrency limit named `gpu` cap GPU work; each tagged run leases slots
+    through the API, so CPU batches (no GPU to share) go without it."""
+    from facetrace.tasks.synthesis import GPU_TAG, batch_task
+
+    assert GPU_TAG in batch_task({"device": "cuda"}).tags and GPU_TAG in batch_task({"device": "cuda:1"}).tags
+    assert GPU_TAG in batch_task({"device": "mps"}).tags
+    assert not batch_task({"device": "cpu"}).tags and not batch_task({}).tags
