@@ -79,7 +79,8 @@ def training_rate(tensors: np.ndarray, labels: np.ndarray, backbone: str, precis
 
 
 def rows(workdir: Path) -> list[dict]:
-    from facetrace.tasks import training
+    from facetrace.tasks import precision, training
+    from facetrace.tasks.prediction import predict_files
 
     training.configure_tensorflow(int(os.environ.get("FACETRACE_TRAIN_THREADS", "2")))
     import keras
@@ -121,17 +122,17 @@ def rows(workdir: Path) -> list[dict]:
     # Training precision: bfloat16 vs float32 compute for Xception on the same tensors.
     float32_rate = training_rate(tensors, labels, "xception", "float32")
     bfloat16_rate = training_rate(tensors, labels, "xception", "mixed_bfloat16")
-    native = "yes" if training.cpu_has_bfloat16() else "no"
+    native = "yes" if precision.cpu_has_bfloat16() else "no"
     # What FACETRACE_TRAIN_PRECISION=auto decides from on this machine (bfloat16 only at >= 1.05x).
-    training.record_precision_probe("xception", float32_rate, bfloat16_rate)
-    chosen = training.resolve_precision("auto", "xception")
+    precision.record_precision_probe("xception", float32_rate, bfloat16_rate)
+    chosen = precision.resolve_precision("auto", "xception")
 
     # Prediction: batched files -> probabilities, vs one model call per file.
     model = training.build_model("mobilenet_v2", IMAGE_SIZE, None)
     sample = paths[:: max(1, count // 64)][:64]
-    training.predict_files(model, config.preprocess, 0.5, sample[:4])  # warm-up (graph tracing)
+    predict_files(model, config.preprocess, 0.5, sample[:4])  # warm-up (graph tracing)
     started = time.perf_counter()
-    training.predict_files(model, config.preprocess, 0.5, sample, batch_size=32)
+    predict_files(model, config.preprocess, 0.5, sample, batch_size=32)
     batched = len(sample) / (time.perf_counter() - started)
     started = time.perf_counter()
     for path in sample:

@@ -174,7 +174,7 @@ def combine(files: list[str], out: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
-    from facetrace.tasks import training
+    from facetrace.tasks.precision import PRECISIONS
     from facetrace.tasks.splits import group_items, load_split_items
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (large: train to the end)")
     parser.add_argument("--crop", type=int, help="train on random crops of this size (score whole images)")
     parser.add_argument("--reencode-size", type=int, help="re-encode at this size, then resize to --image-size")
-    parser.add_argument("--precision", choices=("auto", *training.PRECISIONS),
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS),
                         help="compute precision of the fits (default: the settings' train_precision)")
     parser.add_argument("--time-budget", type=float, help="seconds per fit")
     parser.add_argument("--no-format-neutral", action="store_true")
@@ -232,6 +232,7 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
     """One seed: its own grouped folds, a fit per fold and backbone; the record :func:`report` prints."""
     from facetrace.tasks import training
     from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.precision import resolve_precision
     from facetrace.tasks.registry import operating_point
     from facetrace.tasks.splits import assign_groups, grouped_folds
 
@@ -265,7 +266,7 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                 format_neutral=not args.no_format_neutral))
         if args.no_augment:
             config = replace(config, augment=training.AugmentConfig(False, 0, 0, 0, (60, 95), 0, 0))
-        config = replace(config, precision=training.resolve_precision(config.precision, backbone))
+        config = replace(config, precision=resolve_precision(config.precision, backbone))
         key = config.preprocess.key()
         tensors = training.cached_tensors(
             paths, [item.sha256 for item in items], config.preprocess,

@@ -24,7 +24,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from PIL import Image
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from facetrace.tasks.precision import resolve_precision
 from facetrace.tasks.splits import SnapshotSplit
 from facetrace.tasks.storage import file_sha256, open_rgb, to_rgb
 
@@ -171,93 +171,6 @@ def backbone_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}") from None
-
-
-PRECISIONS = ("float32", "mixed_bfloat16")
-
-
-def cpu_has_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it oneDNN emulates it."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-# auto picks bfloat16 only where it was measured at least this much faster than float32 on this machine.
-BFLOAT16_MIN_SPEEDUP = 1.05
-
-
-def machine_fingerprint(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
-    """What a precision measurement depends on: CPU model and its bfloat16 flags, core count, TensorFlow."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        text = ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    try:
-        from importlib.metadata import version
-
-        tf_version = version("tensorflow-cpu")
-    except Exception:  # noqa: BLE001 - another TensorFlow distribution
-        tf_version = "?"
-    return f"{model} | bf16 {'native' if cpu_has_bfloat16(cpuinfo) else 'emulated'} | {os.cpu_count()} cpus | tf {tf_version}"
-
-
-def precision_probe_file() -> Path:
-    from facetrace.settings import get_settings
-
-    return get_settings().data_dir / "cache" / "precision-probe.json"
-
-
-def record_precision_probe(backbone: str, float32_rate: float, bfloat16_rate: float, *, file: Path | None = None,
-                           fingerprint: str | None = None) -> dict[str, Any]:
-    """Remember a measurement (training images/s in each precision) for this machine and backbone."""
-    file = Path(file or precision_probe_file())
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        data = {}
-    entry = {"float32": float32_rate, "mixed_bfloat16": bfloat16_rate, "ratio": bfloat16_rate / float32_rate,
-             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data.setdefault(fingerprint or machine_fingerprint(), {})[backbone] = entry
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".tmp-{uuid.uuid4().hex}-{file.name}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, file)
-    return entry
-
-
-def measured_bfloat16_speedup(backbone: str, *, file: Path | None = None, fingerprint: str | None = None) -> float | None:
-    """bfloat16 / float32 training speed measured on this machine for ``backbone``, or None."""
-    try:
-        data = json.loads(Path(file or precision_probe_file()).read_text())
-    except (OSError, ValueError):
-        return None
-    entry = data.get(fingerprint or machine_fingerprint(), {}).get(backbone)
-    return None if not entry else float(entry["ratio"])
-
-
-_UNMEASURED = object()
-
-
-def resolve_precision(precision: str, backbone: str, *, native_bfloat16: bool | None = None,
-                      measured_speedup: Any = _UNMEASURED) -> str:
-    """``auto`` becomes mixed_bfloat16 only for a backbone that may gain, on a CPU with native bfloat16,
-    where a measurement on this machine (:func:`record_precision_probe`, written by `make bench`)
-    found it at least :data:`BFLOAT16_MIN_SPEEDUP` times as fast; otherwise float32. (Native bfloat16
-    alone is no promise: a full bench measured Xception at 0.93x of float32 on such a CPU.)"""
-    if precision == "auto":
-        native = cpu_has_bfloat16() if native_bfloat16 is None else native_bfloat16
-        if not (native and backbone_spec(backbone).bfloat16_gain):
-            return "float32"
-        speedup = measured_bfloat16_speedup(backbone) if measured_speedup is _UNMEASURED else measured_speedup
-        return "mixed_bfloat16" if speedup is not None and speedup >= BFLOAT16_MIN_SPEEDUP else "float32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected auto or one of {', '.join(PRECISIONS)}")
-    return precision
 
 
 # ---------------------------------------------------------------- the preprocessing function
@@ -1010,75 +923,6 @@ def save_ensemble(trained: Sequence[TrainedModel], out_dir: Path) -> TrainedMode
         weights="+".join(sorted({t.weights for t in trained})), hyperparameters=hyperparameters, history={},
         epochs_run=max(t.epochs_run for t in trained), best_epoch=0,
         seconds=sum(t.seconds for t in trained) + time.perf_counter() - started)
-
-
-# ---------------------------------------------------------------- prediction on files
-
-
-@dataclass
-class Prediction:
-    path: str
-    probability: float | None = None
-    decision: str | None = None
-    error: str | None = None
-
-
-def read_for_prediction(path: str | os.PathLike, config: PreprocessConfig, max_bytes: int,
-                        max_pixels: int) -> np.ndarray:
-    """A file -> the model's input, or ValueError with a one-line reason (missing, not an image, bomb...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError("no such file" if not path.exists() else "not a regular file")
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError("empty file")
-    if size > max_bytes:
-        raise ValueError(f"file larger than {max_bytes} bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.size[0] * image.size[1] > max_pixels:
-                    raise ValueError(f"{image.size[0]}x{image.size[1]} exceeds {max_pixels} pixels")
-                image.load()
-                return prepare_image(image, config)
-    except ValueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
-        kind = "not an image" if type(exc).__name__ == "UnidentifiedImageError" else "unreadable image"
-        raise ValueError(f"{kind} ({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
-def predict_files(model, config: PreprocessConfig, threshold: float, paths: Sequence[str], *, batch_size: int = 32,
-                  max_bytes: int = 25 * 1024 * 1024, max_pixels: int = 40_000_000,
-                  threads: int = 2, flip: bool = False) -> list[Prediction]:
-    """P(synthetic) and the decision at ``threshold`` per file, in order; unreadable files get an error."""
-    results: list[Prediction] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = [Prediction(str(p)) for p in paths[start:start + batch_size]]
-        pictures, ready = [], []
-
-        def read(item: Prediction):
-            try:
-                return read_for_prediction(item.path, config, max_bytes, max_pixels)
-            except ValueError as exc:
-                return exc
-
-        # PIL releases the GIL while decoding and resizing: files are read on a few threads.
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for item, outcome in zip(chunk, pool.map(read, chunk)):
-                if isinstance(outcome, ValueError):
-                    item.error = str(outcome)
-                else:
-                    pictures.append(outcome)
-                    ready.append(item)
-        if pictures:
-            scores = predict_scores(model, np.stack(pictures), batch_size=batch_size, flip=flip)
-            for item, score in zip(ready, scores):
-                item.probability = float(score)
-                item.decision = "synthetic" if score >= threshold else "real"
-        results.extend(chunk)
-    return results
 
 
 # ---------------------------------------------------------------- Prefect tasks

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facetrace.tasks import training
+from facetrace.tasks import precision, training
 from facetrace.tasks.evaluation import (
     binary_metrics,
     build_format_swapped,
@@ -253,26 +253,26 @@ def test_auto_precision_takes_bfloat16_only_where_measured_faster_on_this_machin
     with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 fma\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f fma\n")
-    assert training.cpu_has_bfloat16(with_bf16) and not training.cpu_has_bfloat16(without)
-    assert not training.cpu_has_bfloat16(tmp_path / "absent")
+    assert precision.cpu_has_bfloat16(with_bf16) and not precision.cpu_has_bfloat16(without)
+    assert not precision.cpu_has_bfloat16(tmp_path / "absent")
     # Native bfloat16 is not enough: auto takes it only where a measurement here found it faster.
-    assert training.resolve_precision("auto", "xception", native_bfloat16=True, measured_speedup=None) == "float32"
-    assert training.resolve_precision("auto", "xception", native_bfloat16=True, measured_speedup=0.93) == "float32"
-    assert training.resolve_precision("auto", "xception", native_bfloat16=True,
+    assert precision.resolve_precision("auto", "xception", native_bfloat16=True, measured_speedup=None) == "float32"
+    assert precision.resolve_precision("auto", "xception", native_bfloat16=True, measured_speedup=0.93) == "float32"
+    assert precision.resolve_precision("auto", "xception", native_bfloat16=True,
                                       measured_speedup=1.2) == "mixed_bfloat16"
-    assert training.resolve_precision("auto", "xception", native_bfloat16=False, measured_speedup=1.2) == "float32"
-    assert training.resolve_precision("auto", "mobilenet_v2", native_bfloat16=True, measured_speedup=1.2) == "float32"
+    assert precision.resolve_precision("auto", "xception", native_bfloat16=False, measured_speedup=1.2) == "float32"
+    assert precision.resolve_precision("auto", "mobilenet_v2", native_bfloat16=True, measured_speedup=1.2) == "float32"
     # The measurement is cached per machine: another machine's does not count here.
     probe = tmp_path / "probe.json"
-    training.record_precision_probe("xception", 100.0, 93.0, file=probe, fingerprint="machine A")
-    training.record_precision_probe("xception", 100.0, 130.0, file=probe, fingerprint="machine B")
-    assert training.measured_bfloat16_speedup("xception", file=probe, fingerprint="machine A") == pytest.approx(0.93)
-    assert training.measured_bfloat16_speedup("xception", file=probe, fingerprint="machine B") == pytest.approx(1.3)
-    assert training.measured_bfloat16_speedup("xception", file=probe, fingerprint="machine C") is None
-    assert training.measured_bfloat16_speedup("mobilenet_v2", file=probe, fingerprint="machine B") is None
-    assert training.resolve_precision("mixed_bfloat16", "mobilenet_v2") == "mixed_bfloat16"
+    precision.record_precision_probe("xception", 100.0, 93.0, file=probe, fingerprint="machine A")
+    precision.record_precision_probe("xception", 100.0, 130.0, file=probe, fingerprint="machine B")
+    assert precision.measured_bfloat16_speedup("xception", file=probe, fingerprint="machine A") == pytest.approx(0.93)
+    assert precision.measured_bfloat16_speedup("xception", file=probe, fingerprint="machine B") == pytest.approx(1.3)
+    assert precision.measured_bfloat16_speedup("xception", file=probe, fingerprint="machine C") is None
+    assert precision.measured_bfloat16_speedup("mobilenet_v2", file=probe, fingerprint="machine B") is None
+    assert precision.resolve_precision("mixed_bfloat16", "mobilenet_v2") == "mixed_bfloat16"
     with pytest.raises(ValueError, match="precision"):
-        training.resolve_precision("float16", "xception")
+        precision.resolve_precision("float16", "xception")
     # Models registered before the setting existed were trained in float32.
     assert training.TrainConfig.from_hyperparameters({"backbone": "xception"}).precision == "float32"
 

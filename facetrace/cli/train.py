@@ -162,7 +162,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for warning in model_info["warnings"]:  # before loading TensorFlow: seen even if the user stops here
         print(f"facetrace predict: warning: model {model_info['id']}: {warning}", file=sys.stderr)
 
-    from facetrace.tasks.training import TrainConfig, load_model, predict_files
+    from facetrace.tasks.prediction import predict_files
+    from facetrace.tasks.training import TrainConfig, load_model
 
     model = load_model(model_info["path"], model_info["sha256"])
     config = TrainConfig.from_hyperparameters(model_info["hyperparameters"])
