@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from facetrace.tasks.precision import resolve_precision
-from facetrace.tasks.splits import SnapshotSplit, SplitImage
+from facetrace.tasks.splits import SnapshotSplit
 from facetrace.tasks.storage import file_sha256, open_rgb, to_rgb
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     dropout: float = 0.2
-    patience: int = 10  # early stopping on the ROC AUC of the early-stopping share
-    # Share of the train split (whole groups, stratified by label) that picks the epoch (early stopping)
-    # instead of being fitted on, so the validation split, which sets the decision threshold, is scored
-    # by a checkpoint that nothing chose for how well it separates those very faces. 0: early stopping
-    # on the validation split (models registered before this setting existed).
-    early_stopping_share: float = 0.15
+    patience: int = 10  # early stopping on validation ROC AUC
     warmup_epochs: int = 1
     bn_momentum: float = 0.9  # used when training from random initialisation (see build_model)
     width_multiplier: float = 1.0  # MobileNetV2 alpha
@@ -121,7 +116,6 @@ class TrainConfig:
         # Models registered before the test-time flip existed were evaluated (and thresholded) without it.
         values.setdefault("test_time_flip", False)
         values.setdefault("precision", "float32")  # and trained in float32
-        values.setdefault("early_stopping_share", 0.0)  # and stopped early on the validation split
         values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
         augment = dict(values.get("augment", {}))
         if "jpeg_quality_range" in augment:
@@ -973,33 +967,8 @@ def fit_backbone(split: SnapshotSplit, config: TrainConfig, tensor_files: dict[s
         config = dataclasses.replace(config, time_budget_s=max(1.0, deadline - time.time()))
     tensors = load_tensors(tensor_files)
     labels = {part: np.array([i.target for i in split.part(part)], np.float32) for part in tensors}
-    stop = early_stopping_rows(split.part("train"), config.early_stopping_share, config.seed)
-    if stop.any():
-        fit_x, fit_y = tensors["train"][~stop], labels["train"][~stop]
-        stop_x, stop_y, stop_on = tensors["train"][stop], labels["train"][stop], "an early-stopping share of train"
-    else:
-        fit_x, fit_y = tensors["train"], labels["train"]
-        stop_x, stop_y, stop_on = tensors["validation"], labels["validation"], "the validation split"
-    get_run_logger().info("training %s on %d images, early stopping on %d (%s) at %d px%s", config.backbone,
-                          len(fit_y), len(stop_y), stop_on, config.preprocess.image_size,
+    get_run_logger().info("training %s on %d images (%d validation) at %d px%s", config.backbone,
+                          len(labels["train"]), len(labels["validation"]), config.preprocess.image_size,
                           f", {config.time_budget_s:.0f} s left" if config.time_budget_s else "")
-    return train_backbone(fit_x, fit_y, stop_x, stop_y, config, model_dir, weights_dir=weights_dir,
-                          tensorboard_dir=tensorboard_dir, threads=threads)
-
-
-def early_stopping_rows(train: Sequence[SplitImage], share: float, seed: int) -> np.ndarray:
-    """Which rows of the train split pick the epoch: ``share`` of it in whole groups (no near-duplicate
-    or shared prompt on both sides), stratified by label; none when ``share`` is 0 or the share would
-    miss a class."""
-    from facetrace.tasks.splits import assign_groups
-
-    if share <= 0 or not train:
-        return np.zeros(len(train), bool)
-    keys = {key: i for i, key in enumerate(dict.fromkeys(item.group_key for item in train))}
-    parts = assign_groups([keys[item.group_key] for item in train], [item.label for item in train],
-                          {"fit": 1.0 - share, "stop": share}, seed)
-    stop = np.array([part == "stop" for part in parts])
-    labels = [item.label for item in train]
-    if len({labels[i] for i in np.flatnonzero(stop)}) < 2 or len({labels[i] for i in np.flatnonzero(~stop)}) < 2:
-        return np.zeros(len(train), bool)
-    return stop
+    return train_backbone(tensors["train"], labels["train"], tensors["validation"], labels["validation"], config,
+                          model_dir, weights_dir=weights_dir, tensorboard_dir=tensorboard_dir, threads=threads)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import warnings
 from pathlib import Path
 
@@ -485,50 +484,3 @@ def test_models_are_saved_without_optimizer_state_and_predict_the_same(tmp_path)
     loaded = training.load_model(path)
     assert np.array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
     assert loaded.get_layer("Conv1").dtype_policy.name == "mixed_bfloat16"
-
-
-def test_the_epoch_is_picked_on_a_share_of_train_so_the_validation_split_only_sets_the_threshold(tmp_path,
-                                                                                                monkeypatch):
-    """Early stopping keeps the checkpoint that best separates the faces it watches; thresholding on
-    those same faces set FPRs that did not hold in grouped cross-validation. The fit watches a share of
-    the train split (whole groups, both labels) and never sees the validation split."""
-    from facetrace.tasks.splits import SnapshotSplit, SplitImage
-
-    def image(i: int, part: str, group: str) -> SplitImage:
-        return SplitImage(i, f"{i}.png", "synthetic" if i % 2 else "real", part, group, f"{i:064x}", "PNG",
-                          8, 8, 10, "s")
-
-    # 80 train images in 40 groups of two (a near-duplicate pair each), 20 validation images.
-    images = [image(i, "train", f"g{i // 4}-{i % 2}") for i in range(80)] + [image(i, "validation", f"v{i}")
-                                                                            for i in range(80, 100)]
-    split = SnapshotSplit(1, 0, images)
-    tensors = {part: np.stack([np.full((4, 4, 3), item.image_id, np.uint8) for item in split.part(part)])
-               for part in ("train", "validation")}
-    files = {}
-    for part, array in tensors.items():
-        files[part] = str(tmp_path / f"{part}.npy")
-        np.save(files[part], array)
-    seen = {}
-
-    def fake_train(fit_x, fit_y, stop_x, stop_y, config, out_dir, **kwargs):
-        seen.update(fit=set(fit_x[:, 0, 0, 0].tolist()), stop=set(stop_x[:, 0, 0, 0].tolist()), stop_y=stop_y)
-        return "trained"
-
-    monkeypatch.setattr(training, "train_backbone", fake_train)
-    monkeypatch.setattr(training, "get_run_logger", lambda: logging.getLogger("test"))  # outside a flow run
-    config = training.default_config("mobilenet_v2", image_size=32, epochs=1)
-    assert config.early_stopping_share == 0.15
-    assert training.fit_backbone.fn(split, config, files, tmp_path / "m", tmp_path / "tb", None, 1) == "trained"
-    validation_ids = set(range(80, 100))
-    assert not (seen["fit"] | seen["stop"]) & validation_ids
-    assert seen["fit"] | seen["stop"] == set(range(80)) and not seen["fit"] & seen["stop"]
-    assert 8 <= len(seen["stop"]) <= 16 and set(seen["stop_y"].tolist()) == {0.0, 1.0}
-    group = {item.image_id: item.group_key for item in images}
-    assert not {group[i] for i in seen["fit"]} & {group[i] for i in seen["stop"]}  # no group on both sides
-
-    # A share of 0 (and models registered before the setting existed) stop early on the validation split.
-    old = dataclasses.replace(config, early_stopping_share=0.0)
-    training.fit_backbone.fn(split, old, files, tmp_path / "m", tmp_path / "tb", None, 1)
-    assert seen["stop"] == validation_ids and seen["fit"] == set(range(80))
-    legacy = {k: v for k, v in config.hyperparameters().items() if k != "early_stopping_share"}
-    assert training.TrainConfig.from_hyperparameters(legacy).early_stopping_share == 0.0
