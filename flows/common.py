@@ -64,7 +64,7 @@ def foreground_runs() -> Iterator[None]:
     Heartbeats let a server mark a run crashed when its worker vanished; a foreground run's failure
     reaches its terminal instead. Prefect 3.9 starts one per flow run (every 180 s by default) and,
     when the run ends, joins it while it sleeps in one-second steps: each flow and subflow run paid up
-    to a second at exit for nothing (ingest of an unchanged folder: 2.7 s -> 1.7 s, see docs/cli.md).
+    to a second at exit for nothing (an unchanged ingest: 2.66 s -> 2.12 s, docs/cli.md).
     Deployment runs (workers, ``facetrace serve``) keep Prefect's default.
     """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
