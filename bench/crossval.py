@@ -228,12 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rule_thresholds(model, images: np.ndarray, labels: np.ndarray, flip: bool, settings) -> tuple[np.ndarray, dict]:
+    """Scores of these images as a registered model gives them, and the threshold that the settings'
+    rule and the empirical rule each set on them."""
+    from facetrace.tasks import training
+    from facetrace.tasks.registry import operating_point
+
+    scores = training.predict_scores(model, images, flip=flip)
+    return scores, {rule: operating_point(labels, scores, settings.target_fpr, rule)
+                    for rule in (settings.threshold_rule, "empirical")}
+
+
 def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict:
     """One seed: its own grouped folds, a fit per fold and backbone; the record :func:`report` prints."""
     from facetrace.tasks import training
     from facetrace.tasks.evaluation import binary_metrics
     from facetrace.tasks.precision import resolve_precision
-    from facetrace.tasks.registry import operating_point
     from facetrace.tasks.splits import assign_groups, grouped_folds
 
     folds = np.array(grouped_folds(groups, labels, args.folds, seed))
@@ -289,17 +299,10 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
             model = training.load_model(fitted.path, fitted.sha256)
             flip = config.test_time_flip
             # The threshold a registered model gets: the settings' rule on flipped validation scores.
-            point = operating_point(y[val], training.predict_scores(model, tensors[val], flip=flip),
-                                    settings.target_fpr, settings.threshold_rule)
-            empirical = operating_point(y[val], training.predict_scores(model, tensors[val], flip=flip),
-                                        settings.target_fpr, "empirical")
-            held = {}
-            if len(holdout):
-                # The threshold from faces the model never met: neither fitted on nor used to pick the epoch.
-                held_scores = training.predict_scores(model, tensors[holdout], flip=flip)
-                for rule in (settings.threshold_rule, "empirical"):
-                    held[rule] = operating_point(y[holdout], held_scores, settings.target_fpr, rule)
-            val_scores = training.predict_scores(model, tensors[val], flip=flip)
+            val_scores, on_val = rule_thresholds(model, tensors[val], y[val], flip, settings)
+            point, empirical = on_val[settings.threshold_rule], on_val["empirical"]
+            # The threshold from faces the model never met: neither fitted on nor used to pick the epoch.
+            held = rule_thresholds(model, tensors[holdout], y[holdout], flip, settings)[1] if len(holdout) else {}
             scores[test] = training.predict_scores(model, tensors[test])
             mirrored[test] = training.predict_scores(model, np.ascontiguousarray(tensors[test][:, :, ::-1]))
             registered = (scores[test] + mirrored[test]) / 2 if flip else scores[test]

@@ -152,7 +152,7 @@ def test_bootstrap_intervals_bracket_the_figures_with_their_counts():
     assert bootstrap_intervals(labels[:98], scores[:98], 0.6)["metrics"] == {}  # one class: no intervals
 
 
-def test_robustness_and_per_source_rows_carry_intervals_and_a_format_leaning_detector_is_named():
+def test_robustness_and_per_source_rows_carry_intervals_and_a_format_leaning_detector_is_named(monkeypatch):
     """Every robustness row has 95% intervals with its counts and, after the original, its ROC AUC change
     with a paired interval; a detector that falls apart when formats swap gets a warning, one that only
     wobbles within the noise does not. Per-source accuracy has its exact interval."""
@@ -171,13 +171,9 @@ def test_robustness_and_per_source_rows_carry_intervals_and_a_format_leaning_det
                else face + rng.normal(0, 0.05, len(face)))
         return 1 / (1 + np.exp(-raw))
 
-    real_variant_bytes = evaluation.variant_bytes
-    try:
-        evaluation.variant_bytes = lambda path, label, variant: variant.encode()
-        rows = evaluation.robustness_table(["x"] * 120, labels, 0.5, score_bytes,
-                                           ("original", "jpeg90", "format_swapped"), resamples=300)
-    finally:
-        evaluation.variant_bytes = real_variant_bytes
+    monkeypatch.setattr(evaluation, "variant_bytes", lambda path, label, variant: variant.encode())
+    rows = evaluation.robustness_table(["x"] * 120, labels, 0.5, score_bytes,
+                                       ("original", "jpeg90", "format_swapped"), resamples=300)
     original, jpeg, swapped = rows
     for row in rows:
         assert (row["real"], row["synthetic"], row["n"]) == (60, 60, 120)
