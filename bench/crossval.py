@@ -73,6 +73,8 @@ def report(record: dict, out: str | None) -> None:
 
 
 SPREAD_METRICS = ("roc_auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "realised_fpr")
+# The same metrics with every test-time view averaged (--test-time-views), where a run recorded them.
+VIEW_METRICS = tuple(f"views_{k}" for k in SPREAD_METRICS)
 # Realised test FPRs of the other thresholds, where a run recorded them (--threshold-holdout).
 FPR_COLUMNS = {"realised_fpr": "validation split, settings' rule",
                "realised_fpr_empirical_rule": "validation split, empirical rule",
@@ -83,7 +85,7 @@ FPR_COLUMNS = {"realised_fpr": "validation split, settings' rule",
 def _recorded(records: list[dict], backbone: str) -> list[str]:
     """The spread metrics and FPR columns every fold of every seed has."""
     folds = [f for record in records for f in record["results"][backbone]["per_fold"]]
-    return [k for k in dict.fromkeys([*SPREAD_METRICS, *FPR_COLUMNS]) if all(k in f for f in folds)]
+    return [k for k in dict.fromkeys([*SPREAD_METRICS, *FPR_COLUMNS, *VIEW_METRICS]) if all(k in f for f in folds)]
 
 
 def seed_summary(records: list[dict]) -> dict[str, dict]:
@@ -146,9 +148,28 @@ def report_seeds(records: list[dict], out: str | None) -> None:
             for k in fprs:
                 over = sum(s["over_target"][k] for s in b["per_seed"])
                 print(f"| {FPR_COLUMNS[k]} | {b[k]['mean']:.3f} ± {b[k]['sd']:.3f} | {over} of {total} |")
+    for backbone, b in summary.items():
+        if all(k in b for k in VIEW_METRICS):
+            print_view_comparison(backbone, b, [f for r in records for f in r["results"][backbone]["per_fold"]])
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"seeds": records, "summary": summary}, indent=2, default=float))
+
+
+def print_view_comparison(backbone: str, b: dict, folds: list[dict]) -> None:
+    """The registered scoring (image and mirror image) against every test-time view averaged, on the
+    same fitted models (a paired comparison): mean ± sd over seeds, and the per-fold difference."""
+    views = len(folds[0]["test_view_scores"])
+    print(f"\n{backbone}: image + mirror image (registered) vs {views} test-time views averaged, same models; "
+          f"each with its own threshold from the validation split\n")
+    print("| metric | registered | views | per-fold difference, mean | folds better / worse |\n|---|---:|---:|---:|---:|")
+    for k in SPREAD_METRICS:
+        diff = np.array([f[f"views_{k}"] - f[k] for f in folds])
+        # A lower realised FPR is better; every other metric higher.
+        better, worse = (int((diff < 0).sum()), int((diff > 0).sum())) if k == "realised_fpr" else \
+            (int((diff > 0).sum()), int((diff < 0).sum()))
+        print(f"| {k} | {b[k]['mean']:.3f} ± {b[k]['sd']:.3f} | {b[f'views_{k}']['mean']:.3f} ± "
+              f"{b[f'views_{k}']['sd']:.3f} | {diff.mean():+.3f} | {better} / {worse} |")
 
 
 def combine(files: list[str], out: str | None) -> int:
@@ -198,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also set the threshold on a share of each fold's training part that neither fitting "
                              "nor early stopping sees (e.g. 0.15), and report the realised FPR at it beside the "
                              "validation split's (which picked the epoch)")
+    parser.add_argument("--test-time-views", action="store_true",
+                        help="also score validation and test images averaged over training.TEST_TIME_VIEWS (small "
+                             "rotations and zooms, each mirrored) and compare with the registered scoring, on the "
+                             "same fitted models")
     parser.add_argument("--only-folds", help="comma-separated fold numbers to run (quick checks)")
     parser.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
     parser.add_argument("--seeds", default="0,1,2",
@@ -237,6 +262,24 @@ def rule_thresholds(model, images: np.ndarray, labels: np.ndarray, flip: bool, s
     scores = training.predict_scores(model, images, flip=flip)
     return scores, {rule: operating_point(labels, scores, settings.target_fpr, rule)
                     for rule in (settings.threshold_rule, "empirical")}
+
+
+def view_scores(model, val_images, val_labels, test_images, test_labels, settings) -> dict:
+    """Validation and test scores averaged over every test-time view, the threshold the settings' rule
+    sets on those validation scores, and the test metrics at it (keys prefixed ``views_``); each view's
+    test scores are kept (the first two are the image and its mirror image: the registered scoring)."""
+    from facetrace.tasks import training
+    from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.registry import operating_point
+
+    val = np.mean([training.predict_scores(model, v) for v in training.test_time_views(val_images)], axis=0)
+    per_view = [training.predict_scores(model, v) for v in training.test_time_views(test_images)]
+    test = np.mean(per_view, axis=0)
+    point = operating_point(val_labels, val, settings.target_fpr, settings.threshold_rule)
+    m = binary_metrics(test_labels, test, point["threshold"])
+    return {"views_roc_auc": m["roc_auc"], "views_tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
+            "views_tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "views_realised_fpr": m["fpr"],
+            "views_threshold": point["threshold"], "test_view_scores": [v.tolist() for v in per_view]}
 
 
 def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict:
@@ -328,6 +371,8 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                     "expected_fpr_interval_holdout": hr["fpr_interval"],
                     "realised_fpr_holdout_empirical_rule": binary_metrics(
                         y[test], registered, held["empirical"]["threshold"])["fpr"]})
+            if args.test_time_views:
+                per_fold[-1].update(view_scores(model, tensors[val], y[val], tensors[test], y[test], settings))
             del model
             _release_memory()
             print(f"  {backbone} seed {seed} fold {fold}: AUC {m['roc_auc']:.3f} TPR@1% {m['tpr_at_1pct_fpr']:.3f} "
@@ -336,7 +381,10 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                   + (f"; from the held-out share: {per_fold[-1]['realised_fpr_holdout']:.3f}, empirical "
                      f"{per_fold[-1]['realised_fpr_holdout_empirical_rule']:.3f}, {len(holdout)} images" if held else "")
                   + ") "
-                  f"({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best {fitted.best_epoch})", file=sys.stderr)
+                  + (f"views: AUC {per_fold[-1]['views_roc_auc']:.3f} TPR@1% {per_fold[-1]['views_tpr_at_1pct_fpr']:.3f} "
+                     f"TPR@5% {per_fold[-1]['views_tpr_at_5pct_fpr']:.3f} FPR {per_fold[-1]['views_realised_fpr']:.3f} "
+                     if args.test_time_views else "")
+                  + f"({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best {fitted.best_epoch})", file=sys.stderr)
         done = ~np.isnan(scores)
         pooled = binary_metrics(y[done], scores[done], 0.5)
         flipped = binary_metrics(y[done], (scores[done] + mirrored[done]) / 2, 0.5)
