@@ -122,7 +122,7 @@ def resample_metrics(positive: np.ndarray, negative: np.ndarray, threshold: floa
     """The headline metrics of one (re)sample given as positive and negative scores (both non-empty)."""
     tp = int((positive >= threshold).sum())
     fp = int((negative >= threshold).sum())
-    fn, tn = len(positive) - tp, len(negative) - fp
+    tn = len(negative) - fp
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / len(positive)
     negative_desc = np.sort(negative)[::-1]
