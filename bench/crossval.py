@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                              "nor early stopping sees (e.g. 0.15), and report the realised FPR at it beside the "
                              "validation split's (which picked the epoch)")
     parser.add_argument("--test-time-views", action="store_true",
-                        help="also score validation and test images averaged over training.TEST_TIME_VIEWS (small "
+                        help="also score validation and test images averaged over TEST_TIME_VIEWS (small "
                              "rotations and zooms, each mirrored) and compare with the registered scoring, on the "
                              "same fitted models")
     parser.add_argument("--only-folds", help="comma-separated fold numbers to run (quick checks)")
@@ -264,6 +265,33 @@ def rule_thresholds(model, images: np.ndarray, labels: np.ndarray, flip: bool, s
                     for rule in (settings.threshold_rule, "empirical")}
 
 
+# Test-time views beyond the mirror image: (degrees, zoom) pairs from inside the training augmentation's
+# range (rotation up to 8 degrees, zoom-in up to 10%), each also mirrored.
+TEST_TIME_VIEWS = ((0.0, 1.0), (5.0, 0.95), (-5.0, 0.95), (0.0, 0.92))
+
+
+def scoring_views(images: np.ndarray, views=TEST_TIME_VIEWS) -> list[np.ndarray]:
+    """Each view of prepared uint8 images (N, size, size, 3), as uint8 arrays of the same shape:
+    per (degrees, zoom) pair the resampled images, then their mirror images."""
+    import tensorflow as tf
+
+    from facetrace.tasks import training
+
+    size = images.shape[1]
+    x = tf.cast(tf.convert_to_tensor(images), tf.float32)
+    count = tf.shape(x)[0]
+    out = []
+    for degrees, zoom in views:
+        if degrees == 0.0 and zoom == 1.0:
+            view = np.asarray(images)
+        else:
+            angle = tf.fill((count,), degrees * math.pi / 180.0)
+            view = training.affine_resample(x, angle, tf.fill((count,), zoom), tf.zeros((count, 2)), size)
+            view = np.clip(np.rint(view.numpy()), 0, 255).astype(np.uint8)
+        out += [view, np.ascontiguousarray(view[:, :, ::-1])]
+    return out
+
+
 def view_scores(model, val_images, val_labels, test_images, test_labels, settings) -> dict:
     """Validation and test scores averaged over every test-time view, the threshold the settings' rule
     sets on those validation scores, and the test metrics at it (keys prefixed ``views_``); each view's
@@ -272,8 +300,8 @@ def view_scores(model, val_images, val_labels, test_images, test_labels, setting
     from facetrace.tasks.evaluation import binary_metrics
     from facetrace.tasks.registry import operating_point
 
-    val = np.mean([training.predict_scores(model, v) for v in training.test_time_views(val_images)], axis=0)
-    per_view = [training.predict_scores(model, v) for v in training.test_time_views(test_images)]
+    val = np.mean([training.predict_scores(model, v) for v in scoring_views(val_images)], axis=0)
+    per_view = [training.predict_scores(model, v) for v in scoring_views(test_images)]
     test = np.mean(per_view, axis=0)
     point = operating_point(val_labels, val, settings.target_fpr, settings.threshold_rule)
     m = binary_metrics(test_labels, test, point["threshold"])

@@ -420,10 +420,10 @@ def _random_affine(x, generator, degrees: float, zoom: float, size: int, *, flip
     scale = 1.0 - generator.uniform((batch_size,), 0.0, zoom)  # < 1: sample a smaller window = zoom in
     shift = generator.uniform((batch_size, 2), -1.0, 1.0) * (1.0 - scale)[:, None] * (size / 2.0)
     mirrored = generator.uniform((batch_size,)) < 0.5 if flip else None
-    return _affine(x, angle, scale, shift, size, mirrored)
+    return affine_resample(x, angle, scale, shift, size, mirrored)
 
 
-def _affine(x, angle, scale, shift, size: int, mirrored=None):
+def affine_resample(x, angle, scale, shift, size: int, mirrored=None):
     """Resample each image of ``x`` rotated by ``angle`` (radians), zoomed in by 1/``scale``, moved by
     ``shift`` (pixels) and, where ``mirrored``, mirrored left-right; one value or tensor per image."""
     import tensorflow as tf
@@ -443,31 +443,6 @@ def _affine(x, angle, scale, shift, size: int, mirrored=None):
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=x, transforms=transforms, output_shape=tf.constant([size, size]), fill_value=0.0,
         interpolation="BILINEAR", fill_mode="NEAREST")  # REFLECT costs 2-4x more on CPU
-
-
-# Test-time views beyond the mirror image: (degrees, zoom) pairs from inside the training augmentation's
-# range (rotation up to 8 degrees, zoom-in up to 10%), each also mirrored.
-TEST_TIME_VIEWS = ((0.0, 1.0), (5.0, 0.95), (-5.0, 0.95), (0.0, 0.92))
-
-
-def test_time_views(images: np.ndarray, views=TEST_TIME_VIEWS) -> list[np.ndarray]:
-    """Each view of prepared uint8 images (N, size, size, 3), as uint8 arrays of the same shape:
-    per (degrees, zoom) pair the resampled images, then their mirror images."""
-    import tensorflow as tf
-
-    size = images.shape[1]
-    x = tf.cast(tf.convert_to_tensor(images), tf.float32)
-    count = tf.shape(x)[0]
-    out = []
-    for degrees, zoom in views:
-        if degrees == 0.0 and zoom == 1.0:
-            view = np.asarray(images)
-        else:
-            angle = tf.fill((count,), degrees * math.pi / 180.0)
-            view = _affine(x, angle, tf.fill((count,), zoom), tf.zeros((count, 2)), size)
-            view = np.clip(np.rint(view.numpy()), 0, 255).astype(np.uint8)
-        out += [view, np.ascontiguousarray(view[:, :, ::-1])]
-    return out
 
 
 # ---------------------------------------------------------------- backbones

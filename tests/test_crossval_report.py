@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.crossval import report_seeds, seed_summary  # noqa: E402
+from bench.crossval import report_seeds, scoring_views, seed_summary  # noqa: E402
 
 
 def record(seed: int, aucs: list[float], fprs: list[float]) -> dict:
@@ -58,3 +58,27 @@ def test_thresholds_from_a_held_out_share_are_reported_beside_the_validation_spl
     # A run without the held-out share prints no such comparison.
     report_seeds([record(0, [0.9], [0.0])], None)
     assert "held-out share" not in capsys.readouterr().out
+
+
+def test_test_time_views_are_the_image_its_mirror_and_small_rotations_and_zooms_of_both():
+    # A bright square off the centre: where it lands tells what each view did.
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[:, 4:12, 20:28] = 200
+    views = scoring_views(images, ((0.0, 1.0), (0.0, 0.8), (10.0, 1.0)))
+    assert len(views) == 6 and all(v.shape == images.shape and v.dtype == np.uint8 for v in views)
+    assert np.array_equal(views[0], images) and np.array_equal(views[1], images[:, :, ::-1])
+    for view, mirror in zip(views[::2], views[1::2]):
+        assert np.array_equal(mirror, view[:, :, ::-1])
+    zoomed, rotated = views[2], views[4]
+
+    def centre_of_mass(picture):
+        ys, xs = np.nonzero(picture[..., 0] > 100)
+        return ys.mean() - 15.5, xs.mean() - 15.5
+
+    # A zoom-in pushes the square away from the centre; a rotation keeps its distance but turns it.
+    before, after = centre_of_mass(images[0]), centre_of_mass(zoomed[0])
+    assert np.hypot(*after) > np.hypot(*before) * 1.1
+    turned = centre_of_mass(rotated[0])
+    assert abs(np.hypot(*turned) - np.hypot(*before)) < 1.0
+    assert abs(np.degrees(np.arctan2(*turned) - np.arctan2(*before))) == pytest.approx(10.0, abs=3.0)
+    assert (rotated[0] > 100).sum() == pytest.approx((images[0] > 100).sum(), rel=0.2)
