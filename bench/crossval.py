@@ -83,9 +83,55 @@ FPR_COLUMNS = {"realised_fpr": "validation split, settings' rule",
                "realised_fpr_holdout_empirical_rule": "held-out share, empirical rule"}
 
 
+ENSEMBLE = "ensemble"
+
+
+def ensemble_folds(backbone_folds: list[list[dict]]) -> list[dict]:
+    """The ensemble candidate's folds, scored as the registry judges it: per fold, the mean of the
+    backbones' registered scores (each with the test-time flip), the threshold set by the same rule on
+    their mean validation scores, and the test metrics at it. Only folds every backbone ran."""
+    from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.registry import operating_point
+
+    by_fold = [{f["fold"]: f for f in folds} for folds in backbone_folds]
+    out = []
+    for fold in sorted(set.intersection(*(set(b) for b in by_fold))):
+        members = [b[fold] for b in by_fold]
+        first = members[0]
+        if any(m["validation_labels"] != first["validation_labels"] or m["test_labels"] != first["test_labels"]
+               for m in members[1:]):
+            raise ValueError(f"fold {fold}: the backbones were not scored on the same images")
+        val_y, test_y = np.array(first["validation_labels"]), np.array(first["test_labels"])
+        val = np.mean([m["validation_scores"] for m in members], axis=0)
+        test = np.mean([m["test_scores"] for m in members], axis=0)
+        points = {rule: operating_point(val_y, val, first["target_fpr"], rule)
+                  for rule in (first["threshold_rule"], "empirical")}
+        point = points[first["threshold_rule"]]
+        m = binary_metrics(test_y, test, point["threshold"])
+        out.append({"fold": fold, "roc_auc": m["roc_auc"], "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
+                    "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "accuracy": m["accuracy"],
+                    "threshold": point["threshold"], "threshold_rule": point["rule"],
+                    "target_fpr": first["target_fpr"], "realised_fpr": m["fpr"],
+                    "expected_fpr_interval": point["fpr_interval"], "validation_reals": point["real_faces"],
+                    "test_reals": int(len(test_y) - test_y.sum()),
+                    "realised_fpr_empirical_rule": binary_metrics(test_y, test, points["empirical"]["threshold"])["fpr"],
+                    "validation_labels": val_y.tolist(), "validation_scores": val.tolist(),
+                    "test_labels": test_y.tolist(), "test_scores": test.tolist()})
+    return out
+
+
+def fold_results(record: dict) -> dict[str, list[dict]]:
+    """Per backbone its folds; with two or more backbones that kept their scores, the ensemble's too."""
+    per = {backbone: r["per_fold"] for backbone, r in record["results"].items()}
+    kept = [folds for folds in per.values() if folds and all("test_scores" in f for f in folds)]
+    if len(kept) > 1 and len(kept) == len(per):
+        per[ENSEMBLE] = ensemble_folds(kept)
+    return per
+
+
 def _recorded(records: list[dict], backbone: str) -> list[str]:
     """The spread metrics and FPR columns every fold of every seed has."""
-    folds = [f for record in records for f in record["results"][backbone]["per_fold"]]
+    folds = [f for record in records for f in fold_results(record)[backbone]]
     return [k for k in dict.fromkeys([*SPREAD_METRICS, *FPR_COLUMNS, *VIEW_METRICS]) if all(k in f for f in folds)]
 
 
@@ -93,12 +139,12 @@ def seed_summary(records: list[dict]) -> dict[str, dict]:
     """Per backbone: each seed's fold means of the spread metrics (and of every recorded realised FPR),
     how many folds went over the target at each threshold, and their mean and sd over seeds."""
     summary: dict[str, dict] = {}
-    for backbone in records[0]["results"]:
+    for backbone in fold_results(records[0]):
         metrics = _recorded(records, backbone)
         fprs = [k for k in metrics if k in FPR_COLUMNS]
         per_seed = []
         for record in records:
-            folds = record["results"][backbone]["per_fold"]
+            folds = fold_results(record)[backbone]
             per_seed.append({"seed": record.get("seed"),
                              **{k: float(np.nanmean([f[k] for f in folds])) for k in metrics},
                              "target_fpr": folds[0]["target_fpr"], "threshold_rule": folds[0]["threshold_rule"],
@@ -124,7 +170,7 @@ def report_seeds(records: list[dict], out: str | None) -> None:
               "| expected FPR (95%) | target | " + " | ".join(f"realised FPR, {FPR_COLUMNS[k]}" for k in extra) + " |")
         print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + "---:|" * len(extra))
         for record in records:
-            for f in record["results"][backbone]["per_fold"]:
+            for f in fold_results(record)[backbone]:
                 lo, hi = f["expected_fpr_interval"]
                 print(f"| {backbone} | {record.get('seed')} | {f['fold']} | {f['test_reals']} | {f['roc_auc']:.3f} | "
                       f"{f['tpr_at_1pct_fpr']:.3f} | {f['tpr_at_5pct_fpr']:.3f} | {f['threshold_rule']} | "
@@ -151,26 +197,40 @@ def report_seeds(records: list[dict], out: str | None) -> None:
                 print(f"| {FPR_COLUMNS[k]} | {b[k]['mean']:.3f} ± {b[k]['sd']:.3f} | {over} of {total} |")
     for backbone, b in summary.items():
         if all(k in b for k in VIEW_METRICS):
-            print_view_comparison(backbone, b, [f for r in records for f in r["results"][backbone]["per_fold"]])
+            folds = [f for r in records for f in fold_results(r)[backbone]]
+            views = len(folds[0]["test_view_scores"])
+            print_paired(f"{backbone}: image + mirror image (registered) vs {views} test-time views averaged, same "
+                         "models; each with its own threshold from the validation split",
+                         ("registered", "views"), b, {k: b[f"views_{k}"] for k in SPREAD_METRICS},
+                         [(f, {k: f[f"views_{k}"] for k in SPREAD_METRICS}) for f in folds])
+    if ENSEMBLE in summary:
+        ensemble_folds_by_seed = [{f["fold"]: f for f in fold_results(r)[ENSEMBLE]} for r in records]
+        for backbone in [b for b in summary if b != ENSEMBLE]:
+            pairs = [(f, ensemble_folds_by_seed[i][f["fold"]]) for i, r in enumerate(records)
+                     for f in fold_results(r)[backbone] if f["fold"] in ensemble_folds_by_seed[i]]
+            print_paired(f"{backbone} alone vs the ensemble of every backbone, the same fits; each with its own "
+                         "threshold from the validation split", (backbone, ENSEMBLE), summary[backbone],
+                         summary[ENSEMBLE], pairs)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"seeds": records, "summary": summary}, indent=2, default=float))
 
 
-def print_view_comparison(backbone: str, b: dict, folds: list[dict]) -> None:
-    """The registered scoring (image and mirror image) against every test-time view averaged, on the
-    same fitted models (a paired comparison): mean ± sd over seeds, and the per-fold difference."""
-    views = len(folds[0]["test_view_scores"])
-    print(f"\n{backbone}: image + mirror image (registered) vs {views} test-time views averaged, same models; "
-          f"each with its own threshold from the validation split\n")
-    print("| metric | registered | views | per-fold difference, mean | folds better / worse |\n|---|---:|---:|---:|---:|")
+def print_paired(title: str, names: tuple[str, str], first: dict, second: dict,
+                 pairs: list[tuple[dict, dict]]) -> None:
+    """Two ways of scoring compared on the same folds (a paired comparison): each one's mean ± sd over
+    seeds, and the per-fold difference (second minus first) with how many folds it favoured each way."""
+    print(f"\n{title}\n")
+    print(f"| metric | {names[0]} | {names[1]} | per-fold difference, mean [min, max] | folds better / worse |\n"
+          "|---|---:|---:|---:|---:|")
     for k in SPREAD_METRICS:
-        diff = np.array([f[f"views_{k}"] - f[k] for f in folds])
+        diff = np.array([b[k] - a[k] for a, b in pairs])
         # A lower realised FPR is better; every other metric higher.
         better, worse = (int((diff < 0).sum()), int((diff > 0).sum())) if k == "realised_fpr" else \
             (int((diff > 0).sum()), int((diff < 0).sum()))
-        print(f"| {k} | {b[k]['mean']:.3f} ± {b[k]['sd']:.3f} | {b[f'views_{k}']['mean']:.3f} ± "
-              f"{b[f'views_{k}']['sd']:.3f} | {diff.mean():+.3f} | {better} / {worse} |")
+        print(f"| {k} | {first[k]['mean']:.3f} ± {first[k]['sd']:.3f} | {second[k]['mean']:.3f} ± "
+              f"{second[k]['sd']:.3f} | {diff.mean():+.3f} [{diff.min():+.3f}, {diff.max():+.3f}] | "
+              f"{better} / {worse} |")
 
 
 def combine(files: list[str], out: str | None) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.crossval import report_seeds, scoring_views, seed_summary  # noqa: E402
+from bench.crossval import ensemble_folds, fold_results, report_seeds, scoring_views, seed_summary  # noqa: E402
 
 
 def record(seed: int, aucs: list[float], fprs: list[float]) -> dict:
@@ -82,3 +82,68 @@ def test_test_time_views_are_the_image_its_mirror_and_small_rotations_and_zooms_
     assert abs(np.hypot(*turned) - np.hypot(*before)) < 1.0
     assert abs(np.degrees(np.arctan2(*turned) - np.arctan2(*before))) == pytest.approx(10.0, abs=3.0)
     assert (rotated[0] > 100).sum() == pytest.approx((images[0] > 100).sum(), rel=0.2)
+
+
+def scored_fold(fold: int, val_scores, test_scores, val_labels, test_labels) -> dict:
+    """A fold as run_seed records it, with only what the ensemble needs besides the metrics."""
+    return {"fold": fold, "roc_auc": 0.9, "tpr_at_1pct_fpr": 0.5, "tpr_at_5pct_fpr": 0.7, "realised_fpr": 0.0,
+            "target_fpr": 0.05, "threshold_rule": "upper_bound", "test_reals": int(len(test_labels) - sum(test_labels)),
+            "expected_fpr_interval": [0.0, 0.05], "realised_fpr_empirical_rule": 0.0,
+            "validation_labels": list(val_labels), "validation_scores": list(val_scores),
+            "test_labels": list(test_labels), "test_scores": list(test_scores)}
+
+
+def test_the_ensemble_is_scored_per_fold_as_the_registry_judges_it(capsys):
+    """Mean of the backbones' registered scores; the settings' rule on the mean validation scores; test
+    metrics at that threshold. Two backbones that each rank a different real face above every synthetic
+    one miss everything at 1% FPR alone, and the ensemble does not."""
+    from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.registry import operating_point
+
+    rng = np.random.default_rng(0)
+    val_y = [0] * 80 + [1] * 80
+    test_y = [0] * 60 + [1] * 60
+    val_a, val_b = rng.uniform(0, 0.5, 160) + np.repeat([0, 0.5], 80), rng.uniform(0, 0.5, 160) + np.repeat([0, 0.5], 80)
+    test_a = np.concatenate([rng.uniform(0, 0.3, 60), rng.uniform(0.8, 0.95, 60)])
+    test_b = np.concatenate([rng.uniform(0, 0.3, 60), rng.uniform(0.8, 0.95, 60)])
+    test_a[0], test_b[1] = 0.99, 0.99  # one real outlier each, a different face
+    a = [scored_fold(3, val_a, test_a, val_y, test_y)]
+    b = [scored_fold(3, val_b, test_b, val_y, test_y)]
+    (fold,) = ensemble_folds([a, b])
+    mean_val, mean_test = (val_a + val_b) / 2, (test_a + test_b) / 2
+    point = operating_point(val_y, mean_val, 0.05, "upper_bound")
+    expected = binary_metrics(np.array(test_y), mean_test, point["threshold"])
+    assert fold["fold"] == 3 and fold["test_scores"] == pytest.approx(mean_test.tolist())
+    assert fold["threshold"] == pytest.approx(point["threshold"])
+    assert fold["expected_fpr_interval"] == pytest.approx(point["fpr_interval"])
+    for key, name in (("roc_auc", "roc_auc"), ("tpr_at_1pct_fpr", "tpr_at_1pct_fpr"), ("realised_fpr", "fpr")):
+        assert fold[key] == pytest.approx(expected[name])
+    assert binary_metrics(np.array(test_y), test_a, 0.5)["tpr_at_1pct_fpr"] == 0.0
+    assert fold["tpr_at_1pct_fpr"] == 1.0
+
+    record = {"seed": 0, "results": {"mobilenet_v2": {"per_fold": a}, "xception": {"per_fold": b}}}
+    assert list(fold_results(record)) == ["mobilenet_v2", "xception", "ensemble"]
+    report_seeds([record], None)
+    printed = capsys.readouterr().out
+    assert "| ensemble | 0 | 3 | 60 |" in printed
+    assert "mobilenet_v2 alone vs the ensemble of every backbone" in printed
+    assert "| tpr_at_1pct_fpr | 0.500 ± nan | 1.000 ± nan | +0.500 [+0.500, +0.500] | 1 / 0 |" in printed
+
+    # Folds scored on other images cannot be averaged.
+    b[0]["test_labels"] = list(reversed(test_y))
+    with pytest.raises(ValueError, match="same images"):
+        ensemble_folds([a, b])
+
+
+def test_test_time_views_are_compared_fold_by_fold_with_the_registered_scoring(capsys):
+    records = [record(0, [0.9, 0.8], [0.0, 0.1])]
+    for fold, change in zip(records[0]["results"]["xception"]["per_fold"], (0.02, -0.04)):
+        fold.update(views_roc_auc=fold["roc_auc"] + change, views_tpr_at_1pct_fpr=fold["tpr_at_1pct_fpr"],
+                    views_tpr_at_5pct_fpr=fold["tpr_at_5pct_fpr"] + 0.1,
+                    views_realised_fpr=fold["realised_fpr"] + change, test_view_scores=[[0.5]] * 8)
+    report_seeds(records, None)
+    printed = capsys.readouterr().out
+    assert "image + mirror image (registered) vs 8 test-time views averaged" in printed
+    assert "| roc_auc | 0.850 ± nan | 0.840 ± nan | -0.010 [-0.040, +0.020] | 1 / 1 |" in printed
+    assert "| tpr_at_1pct_fpr | 0.650 ± nan | 0.650 ± nan | +0.000 [+0.000, +0.000] | 0 / 0 |" in printed
+    assert "| realised_fpr | 0.050 ± nan | 0.040 ± nan | -0.010 [-0.040, +0.020] | 1 / 1 |" in printed
