@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from facetrace.tasks.training import ENSEMBLE  # noqa: E402  (the registry's name for the backbones' mean)
+
 
 def _release_memory() -> None:
     """Each fold builds a new graph; without this the process grows by hundreds of MB per fit."""
@@ -83,16 +85,33 @@ FPR_COLUMNS = {"realised_fpr": "validation split, settings' rule",
                "realised_fpr_holdout_empirical_rule": "held-out share, empirical rule"}
 
 
-ENSEMBLE = "ensemble"
+def score_fold(fold: int, val_y: np.ndarray, val_scores: np.ndarray, test_y: np.ndarray, test_scores: np.ndarray,
+               target_fpr: float, rule: str) -> dict:
+    """One fold's record from its registered validation and test scores: the threshold the rule sets on
+    the validation scores (and the empirical rule's), the test metrics at it, and the scores themselves,
+    kept so that other threshold rules can be scored later without refitting."""
+    from facetrace.tasks.evaluation import binary_metrics
+    from facetrace.tasks.registry import operating_point
+
+    val_y, test_y = np.asarray(val_y), np.asarray(test_y)
+    val_scores, test_scores = np.asarray(val_scores), np.asarray(test_scores)
+    point = operating_point(val_y, val_scores, target_fpr, rule)
+    empirical = operating_point(val_y, val_scores, target_fpr, "empirical")
+    m = binary_metrics(test_y, test_scores, point["threshold"])
+    return {"fold": fold, "roc_auc": m["roc_auc"], "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
+            "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "accuracy": m["accuracy"],
+            "threshold": point["threshold"], "threshold_rule": point["rule"], "target_fpr": target_fpr,
+            "realised_fpr": m["fpr"], "expected_fpr_interval": point["fpr_interval"],
+            "validation_reals": point["real_faces"], "test_reals": int(len(test_y) - test_y.sum()),
+            "realised_fpr_empirical_rule": binary_metrics(test_y, test_scores, empirical["threshold"])["fpr"],
+            "validation_labels": val_y.astype(int).tolist(), "validation_scores": val_scores.tolist(),
+            "test_labels": test_y.astype(int).tolist(), "test_scores": test_scores.tolist()}
 
 
 def ensemble_folds(backbone_folds: list[list[dict]]) -> list[dict]:
     """The ensemble candidate's folds, scored as the registry judges it: per fold, the mean of the
     backbones' registered scores (each with the test-time flip), the threshold set by the same rule on
     their mean validation scores, and the test metrics at it. Only folds every backbone ran."""
-    from facetrace.tasks.evaluation import binary_metrics
-    from facetrace.tasks.registry import operating_point
-
     by_fold = [{f["fold"]: f for f in folds} for folds in backbone_folds]
     out = []
     for fold in sorted(set.intersection(*(set(b) for b in by_fold))):
@@ -101,22 +120,9 @@ def ensemble_folds(backbone_folds: list[list[dict]]) -> list[dict]:
         if any(m["validation_labels"] != first["validation_labels"] or m["test_labels"] != first["test_labels"]
                for m in members[1:]):
             raise ValueError(f"fold {fold}: the backbones were not scored on the same images")
-        val_y, test_y = np.array(first["validation_labels"]), np.array(first["test_labels"])
-        val = np.mean([m["validation_scores"] for m in members], axis=0)
-        test = np.mean([m["test_scores"] for m in members], axis=0)
-        points = {rule: operating_point(val_y, val, first["target_fpr"], rule)
-                  for rule in (first["threshold_rule"], "empirical")}
-        point = points[first["threshold_rule"]]
-        m = binary_metrics(test_y, test, point["threshold"])
-        out.append({"fold": fold, "roc_auc": m["roc_auc"], "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
-                    "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "accuracy": m["accuracy"],
-                    "threshold": point["threshold"], "threshold_rule": point["rule"],
-                    "target_fpr": first["target_fpr"], "realised_fpr": m["fpr"],
-                    "expected_fpr_interval": point["fpr_interval"], "validation_reals": point["real_faces"],
-                    "test_reals": int(len(test_y) - test_y.sum()),
-                    "realised_fpr_empirical_rule": binary_metrics(test_y, test, points["empirical"]["threshold"])["fpr"],
-                    "validation_labels": val_y.tolist(), "validation_scores": val.tolist(),
-                    "test_labels": test_y.tolist(), "test_scores": test.tolist()})
+        out.append(score_fold(fold, first["validation_labels"], np.mean([m["validation_scores"] for m in members], axis=0),
+                              first["test_labels"], np.mean([m["test_scores"] for m in members], axis=0),
+                              first["target_fpr"], first["threshold_rule"]))
     return out
 
 
@@ -129,22 +135,24 @@ def fold_results(record: dict) -> dict[str, list[dict]]:
     return per
 
 
-def _recorded(records: list[dict], backbone: str) -> list[str]:
+def _recorded(per_record: list[dict[str, list[dict]]], backbone: str) -> list[str]:
     """The spread metrics and FPR columns every fold of every seed has."""
-    folds = [f for record in records for f in fold_results(record)[backbone]]
+    folds = [f for folds in per_record for f in folds[backbone]]
     return [k for k in dict.fromkeys([*SPREAD_METRICS, *FPR_COLUMNS, *VIEW_METRICS]) if all(k in f for f in folds)]
 
 
-def seed_summary(records: list[dict]) -> dict[str, dict]:
+def seed_summary(records: list[dict], per_record: list[dict[str, list[dict]]] | None = None) -> dict[str, dict]:
     """Per backbone: each seed's fold means of the spread metrics (and of every recorded realised FPR),
-    how many folds went over the target at each threshold, and their mean and sd over seeds."""
+    how many folds went over the target at each threshold, and their mean and sd over seeds.
+    ``per_record``: :func:`fold_results` of each record, where the caller has them already."""
+    per_record = per_record or [fold_results(record) for record in records]
     summary: dict[str, dict] = {}
-    for backbone in fold_results(records[0]):
-        metrics = _recorded(records, backbone)
+    for backbone in per_record[0]:
+        metrics = _recorded(per_record, backbone)
         fprs = [k for k in metrics if k in FPR_COLUMNS]
         per_seed = []
-        for record in records:
-            folds = fold_results(record)[backbone]
+        for record, results in zip(records, per_record):
+            folds = results[backbone]
             per_seed.append({"seed": record.get("seed"),
                              **{k: float(np.nanmean([f[k] for f in folds])) for k in metrics},
                              "target_fpr": folds[0]["target_fpr"], "threshold_rule": folds[0]["threshold_rule"],
@@ -162,15 +170,16 @@ def report_seeds(records: list[dict], out: str | None) -> None:
     """Per fold (every seed) and mean ± sd over seeds of fold-mean ROC AUC, TPR at 1% and 5% FPR and
     the realised FPR at the registered threshold (and at every other recorded threshold); writes every
     seed's record and the summary."""
-    summary = seed_summary(records)
+    per_record = [fold_results(record) for record in records]
+    summary = seed_summary(records, per_record)
     print(f"\nPer fold ({len(records)} seeds): realised test FPR at the registered threshold vs the target\n")
     for backbone in summary:
-        extra = [k for k in _recorded(records, backbone) if k in FPR_COLUMNS and k != "realised_fpr"]
+        extra = [k for k in _recorded(per_record, backbone) if k in FPR_COLUMNS and k != "realised_fpr"]
         print("| backbone | seed | fold | test reals | ROC AUC | TPR@1%FPR | TPR@5%FPR | threshold rule | realised FPR "
               "| expected FPR (95%) | target | " + " | ".join(f"realised FPR, {FPR_COLUMNS[k]}" for k in extra) + " |")
         print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + "---:|" * len(extra))
-        for record in records:
-            for f in fold_results(record)[backbone]:
+        for record, results in zip(records, per_record):
+            for f in results[backbone]:
                 lo, hi = f["expected_fpr_interval"]
                 print(f"| {backbone} | {record.get('seed')} | {f['fold']} | {f['test_reals']} | {f['roc_auc']:.3f} | "
                       f"{f['tpr_at_1pct_fpr']:.3f} | {f['tpr_at_5pct_fpr']:.3f} | {f['threshold_rule']} | "
@@ -197,17 +206,17 @@ def report_seeds(records: list[dict], out: str | None) -> None:
                 print(f"| {FPR_COLUMNS[k]} | {b[k]['mean']:.3f} ± {b[k]['sd']:.3f} | {over} of {total} |")
     for backbone, b in summary.items():
         if all(k in b for k in VIEW_METRICS):
-            folds = [f for r in records for f in fold_results(r)[backbone]]
+            folds = [f for results in per_record for f in results[backbone]]
             views = len(folds[0]["test_view_scores"])
             print_paired(f"{backbone}: image + mirror image (registered) vs {views} test-time views averaged, same "
                          "models; each with its own threshold from the validation split",
                          ("registered", "views"), b, {k: b[f"views_{k}"] for k in SPREAD_METRICS},
                          [(f, {k: f[f"views_{k}"] for k in SPREAD_METRICS}) for f in folds])
     if ENSEMBLE in summary:
-        ensemble_folds_by_seed = [{f["fold"]: f for f in fold_results(r)[ENSEMBLE]} for r in records]
         for backbone in [b for b in summary if b != ENSEMBLE]:
-            pairs = [(f, ensemble_folds_by_seed[i][f["fold"]]) for i, r in enumerate(records)
-                     for f in fold_results(r)[backbone] if f["fold"] in ensemble_folds_by_seed[i]]
+            pairs = [(f, ensembles[f["fold"]]) for results in per_record
+                     for ensembles in [{e["fold"]: e for e in results[ENSEMBLE]}]
+                     for f in results[backbone] if f["fold"] in ensembles]
             print_paired(f"{backbone} alone vs the ensemble of every backbone, the same fits; each with its own "
                          "threshold from the validation split", (backbone, ENSEMBLE), summary[backbone],
                          summary[ENSEMBLE], pairs)
@@ -430,47 +439,37 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
             model = training.load_model(fitted.path, fitted.sha256)
             flip = config.test_time_flip
             # The threshold a registered model gets: the settings' rule on flipped validation scores.
-            val_scores, on_val = rule_thresholds(model, tensors[val], y[val], flip, settings)
-            point, empirical = on_val[settings.threshold_rule], on_val["empirical"]
+            val_scores = training.predict_scores(model, tensors[val], flip=flip)
             # The threshold from faces the model never met: neither fitted on nor used to pick the epoch.
             held = rule_thresholds(model, tensors[holdout], y[holdout], flip, settings)[1] if len(holdout) else {}
             scores[test] = training.predict_scores(model, tensors[test])
             mirrored[test] = training.predict_scores(model, np.ascontiguousarray(tensors[test][:, :, ::-1]))
             registered = (scores[test] + mirrored[test]) / 2 if flip else scores[test]
-            m = binary_metrics(y[test], registered, point["threshold"])
-            per_fold.append({"fold": fold, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-                             "roc_auc": m["roc_auc"], "tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
-                             "tpr_at_5pct_fpr": m["tpr_at_5pct_fpr"], "accuracy": m["accuracy"],
-                             "threshold": point["threshold"], "threshold_rule": point["rule"],
-                             "target_fpr": settings.target_fpr, "realised_fpr": m["fpr"],
-                             "expected_fpr_interval": point["fpr_interval"], "validation_reals": point["real_faces"],
-                             "test_reals": int(len(test) - y[test].sum()),
-                             "realised_fpr_empirical_rule": binary_metrics(y[test], registered,
-                                                                           empirical["threshold"])["fpr"],
-                             "seconds": fitted.seconds, "epochs": fitted.epochs_run, "best_epoch": fitted.best_epoch,
-                             # Kept so that other threshold rules can be scored later without refitting.
-                             "validation_labels": y[val].astype(int).tolist(), "validation_scores": val_scores.tolist(),
-                             "test_labels": y[test].astype(int).tolist(), "test_scores": registered.tolist()})
+            per_fold.append({**score_fold(fold, y[val], val_scores, y[test], registered, settings.target_fpr,
+                                          settings.threshold_rule),
+                             "n_train": len(train), "n_val": len(val), "n_test": len(test),
+                             "seconds": fitted.seconds, "epochs": fitted.epochs_run, "best_epoch": fitted.best_epoch})
+            f = per_fold[-1]
             if held:
                 hr = held[settings.threshold_rule]
-                per_fold[-1].update({
+                f.update({
                     "holdout_reals": hr["real_faces"], "holdout_threshold": hr["threshold"],
                     "realised_fpr_holdout": binary_metrics(y[test], registered, hr["threshold"])["fpr"],
                     "expected_fpr_interval_holdout": hr["fpr_interval"],
                     "realised_fpr_holdout_empirical_rule": binary_metrics(
                         y[test], registered, held["empirical"]["threshold"])["fpr"]})
             if args.test_time_views:
-                per_fold[-1].update(view_scores(model, tensors[val], y[val], tensors[test], y[test], settings))
+                f.update(view_scores(model, tensors[val], y[val], tensors[test], y[test], settings))
             del model
             _release_memory()
-            print(f"  {backbone} seed {seed} fold {fold}: AUC {m['roc_auc']:.3f} TPR@1% {m['tpr_at_1pct_fpr']:.3f} "
-                  f"TPR@5% {m['tpr_at_5pct_fpr']:.3f} FPR {m['fpr']:.3f} (target {settings.target_fpr}, "
-                  f"{point['rule']}; empirical rule {per_fold[-1]['realised_fpr_empirical_rule']:.3f}"
-                  + (f"; from the held-out share: {per_fold[-1]['realised_fpr_holdout']:.3f}, empirical "
-                     f"{per_fold[-1]['realised_fpr_holdout_empirical_rule']:.3f}, {len(holdout)} images" if held else "")
+            print(f"  {backbone} seed {seed} fold {fold}: AUC {f['roc_auc']:.3f} TPR@1% {f['tpr_at_1pct_fpr']:.3f} "
+                  f"TPR@5% {f['tpr_at_5pct_fpr']:.3f} FPR {f['realised_fpr']:.3f} (target {settings.target_fpr}, "
+                  f"{f['threshold_rule']}; empirical rule {f['realised_fpr_empirical_rule']:.3f}"
+                  + (f"; from the held-out share: {f['realised_fpr_holdout']:.3f}, empirical "
+                     f"{f['realised_fpr_holdout_empirical_rule']:.3f}, {len(holdout)} images" if held else "")
                   + ") "
-                  + (f"views: AUC {per_fold[-1]['views_roc_auc']:.3f} TPR@1% {per_fold[-1]['views_tpr_at_1pct_fpr']:.3f} "
-                     f"TPR@5% {per_fold[-1]['views_tpr_at_5pct_fpr']:.3f} FPR {per_fold[-1]['views_realised_fpr']:.3f} "
+                  + (f"views: AUC {f['views_roc_auc']:.3f} TPR@1% {f['views_tpr_at_1pct_fpr']:.3f} "
+                     f"TPR@5% {f['views_tpr_at_5pct_fpr']:.3f} FPR {f['views_realised_fpr']:.3f} "
                      if args.test_time_views else "")
                   + f"({fitted.seconds:.0f} s, {fitted.epochs_run} epochs, best {fitted.best_epoch})", file=sys.stderr)
         done = ~np.isnan(scores)
