@@ -40,6 +40,27 @@ def test_mean_and_sd_over_seeds_of_each_seeds_fold_means(tmp_path, capsys):
     assert json.loads(out.read_text())["summary"]["xception"]["roc_auc"]["mean"] == pytest.approx(np.mean(fold_means))
 
 
+def test_realised_fpr_is_pooled_over_folds_and_seeds_with_an_exact_interval(capsys):
+    """False positives summed over every fold of every seed over the real faces they rest on; the target
+    is judged against the exact interval of that rate, not fold by fold."""
+    from scipy.stats import binomtest
+
+    records = [record(0, [0.9, 0.8], [0.0, 0.1]), record(1, [0.95, 0.95], [0.025, 0.025]),
+               record(2, [0.7, 0.9], [0.05, 0.0])]
+    pooled = seed_summary(records)["xception"]["pooled_fpr"]["realised_fpr"]
+    exact = binomtest(8, 240).proportion_ci(confidence_level=0.95, method="exact")
+    assert (pooled["false_positives"], pooled["reals"]) == (8, 240)
+    assert pooled["interval"] == pytest.approx([exact.low, exact.high])
+    assert pooled["verdict"] == "consistent with it"
+    report_seeds(records, None)
+    assert "| xception | validation split, settings' rule | 8 / 240 | 0.033 (" in capsys.readouterr().out
+    # A rule that lets through 12% of 240 real faces is over a 5% target; one that lets through none is under it.
+    assert seed_summary([record(0, [0.9] * 6, [0.125] * 6)])["xception"]["pooled_fpr"]["realised_fpr"]["verdict"] \
+        == "over the target"
+    assert seed_summary([record(0, [0.9] * 6, [0.0] * 6)])["xception"]["pooled_fpr"]["realised_fpr"]["verdict"] \
+        == "under the target"
+
+
 def test_thresholds_from_a_held_out_share_are_reported_beside_the_validation_splits(capsys):
     """--threshold-holdout records a second realised FPR per fold; the summary compares where the
     threshold came from, with folds over the target for each."""
