@@ -170,10 +170,12 @@ def seed_summary(records: list[dict], per_record: list[dict[str, list[dict]]] | 
 
 
 def pooled_fpr(folds: list[dict], key: str = "realised_fpr") -> dict:
-    """The false positives at the registered threshold summed over folds (and seeds), over the real test
-    faces they rest on, with the exact 95% interval of the rate. One fold's ~50 real faces cannot tell a
-    rule that holds from one that does not (a rule whose true FPR is exactly the target goes over it in
-    about half the folds); the pooled count can."""
+    """The false positives at one recorded threshold (``key``: the registered one by default) summed over
+    folds (and seeds), over the real test faces they rest on, with the exact 95% interval of the rate and
+    the target against it. Each fold's count is its realised FPR times its real test faces (exact: the
+    rate was that count over them). One fold's ~50 real faces cannot tell a rule that holds from one that
+    does not (a rule whose true FPR is exactly the target goes over it in about half the folds); the
+    pooled count can."""
     from facetrace.tasks.registry import clopper_pearson
 
     false_positives = sum(round(f[key] * f["test_reals"]) for f in folds)
