@@ -167,6 +167,23 @@ def test_light_verbs_import_neither_tensorflow_nor_torch(tmp_path, argv):
     assert heavy == set(), f"`facetrace {' '.join(argv)}` imported {heavy}"
 
 
+def test_a_crash_in_native_code_says_where_on_stderr(tmp_path):
+    """A verb that dies of SIGSEGV (here: reading address 0) leaves its Python stack on stderr."""
+    import os
+
+    crash = ("import ctypes, facetrace.cli.app as app\n"
+             "def status(args):\n"
+             "    return ctypes.string_at(0)\n"
+             "app.VERBS['status'] = status\n"
+             "app.main(['status'])\n")
+    env = {**os.environ, "FACETRACE_DATA_DIR": str(tmp_path), "FACETRACE_DB_URL": f"sqlite:///{tmp_path}/c.sqlite"}
+    env.pop("PYTHONFAULTHANDLER", None)
+    done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in done.stderr
+    assert 'line 3 in status' in done.stderr, done.stderr
+
+
 def test_the_console_script_exists_and_shows_help():
     done = subprocess.run([FACETRACE, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0

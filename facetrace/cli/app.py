@@ -405,7 +405,17 @@ def add_global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         help="show Prefect's logs and the full traceback of a failure")
 
 
+def enable_crash_reports() -> None:
+    """A crash in native code (a segfault in an extension module, say) prints every thread's Python
+    stack on stderr before the process dies, instead of a bare exit status -11 with nothing said."""
+    import faulthandler
+
+    if sys.__stderr__ is not None and not faulthandler.is_enabled():
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    enable_crash_reports()
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = args.verbose or os.environ.get("FACETRACE_DEBUG") == "1"
