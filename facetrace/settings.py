@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     format_neutral: bool = True
     reencode_quality: int = 90  # JPEG quality of that shared re-encoding
     reencode_size: int | None = None  # re-encode at this size, then resize to the input (None: at the input size)
+    # Train on random crops of this many pixels of each FACETRACE_IMAGE_SIZE input and score whole images
+    # (the networks are fully convolutional): finer texture at the cost of a crop-sized step. None: whole images.
+    train_crop_size: int | None = None
     train_threads: int = 2  # TensorFlow intra-op threads per process (the CPU is shared)
     # Backbones trained at once (separate Prefect tasks). Side by side on 2 cores did more work in the
     # same 660 s than one after the other (measured on 840 images: MobileNetV2 18 vs 19 epochs,

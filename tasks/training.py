@@ -162,8 +162,20 @@ def default_config(backbone: str, *, image_size: int | None = None, epochs: int 
     preprocess = PreprocessConfig(image_size=size, format_neutral=settings.format_neutral,
                                   jpeg_quality=settings.reencode_quality, reencode_size=settings.reencode_size)
     overrides.setdefault("precision", settings.train_precision)
+    overrides.setdefault("crop_size", _crop_size(settings.train_crop_size, size, spec))
     return TrainConfig(backbone=backbone, preprocess=preprocess,
                        epochs=epochs or spec.default_epochs, seed=seed, **overrides)
+
+
+def _crop_size(crop: int | None, size: int, spec: BackboneSpec) -> int | None:
+    """The training crop for an input of ``size`` px: None when it would not crop at all."""
+    if not crop or crop >= size:
+        return None
+    if crop < spec.min_size:
+        log.warning("%s needs crops of at least %d px; using %d instead of %d", spec.name, spec.min_size,
+                    spec.min_size, crop)
+        crop = spec.min_size
+    return crop if crop < size else None
 
 
 def backbone_spec(name: str) -> BackboneSpec:

@@ -177,6 +177,30 @@ def test_crop_training_takes_a_random_window_of_each_image_and_the_model_scores_
                                 dataclasses.replace(config, crop_size=16), tmp_path / "small")
 
 
+def test_the_crop_setting_reaches_each_backbone_raised_to_its_minimum_or_dropped_when_it_would_not_crop(
+        monkeypatch, caplog):
+    from facetrace.settings import get_settings
+
+    assert training.default_config("mobilenet_v2").crop_size is None  # whole images unless asked
+    monkeypatch.setenv("FACETRACE_TRAIN_CROP_SIZE", "48")
+    monkeypatch.setenv("FACETRACE_IMAGE_SIZE", "192")
+    get_settings(fresh=True)
+    try:
+        assert training.default_config("mobilenet_v2").crop_size == 48
+        with caplog.at_level("WARNING", logger="facetrace.tasks.training"):
+            assert training.default_config("xception").crop_size == 71  # Xception's smallest input
+        assert "crops of at least 71 px" in caplog.text
+        assert training.default_config("mobilenet_v2", image_size=48).crop_size is None  # the whole image
+        assert training.default_config("xception", image_size=71).crop_size is None  # raised to 71: no crop
+        monkeypatch.setenv("FACETRACE_TRAIN_CROP_SIZE", "0")
+        get_settings(fresh=True)
+        assert training.default_config("mobilenet_v2").crop_size is None
+    finally:
+        monkeypatch.delenv("FACETRACE_TRAIN_CROP_SIZE")
+        monkeypatch.delenv("FACETRACE_IMAGE_SIZE")
+        get_settings(fresh=True)
+
+
 # ---------------------------------------------------------------- backbones without ImageNet weights
 
 
