@@ -252,6 +252,23 @@ def test_tables_through_cat_keep_whole_names(sqlite_settings_env):
     assert any(name in line for line in done.stdout.splitlines()), done.stdout
 
 
+def test_a_reader_that_closes_the_pipe_early_gets_no_error_line(sqlite_settings_env):
+    """`facetrace sql ... | head -c 100`: the reader leaves before the output ends."""
+    import os
+
+    from facetrace.db.engine import get_engine
+
+    get_engine(sqlite_settings_env.catalog_url)
+    query = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000) SELECT i FROM n"
+    with subprocess.Popen([FACETRACE, "sql", query, "--format", "json"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=os.environ) as process:
+        assert process.stdout.read(100)
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141, stderr
+    assert "BrokenPipe" not in stderr and "Traceback" not in stderr, stderr
+
+
 def test_json_has_real_numbers_and_big_integers_as_strings(sqlite_settings_env, capsys):
     from facetrace.cli.app import main
 

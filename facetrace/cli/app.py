@@ -439,6 +439,11 @@ def run_verb(args: argparse.Namespace, verbose: bool) -> int:
             return VERBS[args.verb](args)
     except KeyboardInterrupt as exc:
         error, code, message = exc, 130, "interrupted"
+    except BrokenPipeError:
+        # The reader went away (`facetrace sql ... | head`): stop quietly, as Unix tools do. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
     except CLIError as exc:
         error, code, message = exc, 2, str(exc)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
