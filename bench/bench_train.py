@@ -79,7 +79,7 @@ def training_rate(tensors: np.ndarray, labels: np.ndarray, backbone: str, precis
 
 
 def rows(workdir: Path) -> list[dict]:
-    from facetrace.tasks import precision, training
+    from facetrace.tasks import augment, precision, training
     from facetrace.tasks.prediction import predict_files
 
     training.configure_tensorflow(int(os.environ.get("FACETRACE_TRAIN_THREADS", "2")))
@@ -109,8 +109,8 @@ def rows(workdir: Path) -> list[dict]:
     baseline_ds = keras.utils.image_dataset_from_directory(
         faces, labels="inferred", label_mode="binary", image_size=(IMAGE_SIZE, IMAGE_SIZE), batch_size=32,
         shuffle=True, seed=0, verbose=False)
-    augment = training.make_augmenter(config.augment, IMAGE_SIZE, seed=0)
-    baseline_augmented = baseline_ds.map(lambda x, y: (augment(tf.cast(x, tf.uint8)), y),
+    augmenter = augment.make_augmenter(config.augment, IMAGE_SIZE, seed=0)
+    baseline_augmented = baseline_ds.map(lambda x, y: (augmenter(tf.cast(x, tf.uint8)), y),
                                          num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     theirs = images_per_second(baseline_ds, count, EPOCHS)
     theirs_augmented = images_per_second(baseline_augmented, count, EPOCHS)

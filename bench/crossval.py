@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from facetrace.db.engine import get_engine, session_scope
     from facetrace.settings import get_settings
     from facetrace.tasks.precision import PRECISIONS
+    from facetrace.tasks.training import INPUT_FILTERS
     from facetrace.tasks.splits import group_items, load_split_items
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=float, help="MobileNetV2 width multiplier (alpha)")
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (large: train to the end)")
     parser.add_argument("--crop", type=int, help="train on random crops of this size (score whole images)")
+    parser.add_argument("--input-filter", choices=INPUT_FILTERS,
+                        help="what the backbone sees: the pixels, or a fixed high-pass residual of them")
     parser.add_argument("--reencode-size", type=int, help="re-encode at this size, then resize to --image-size")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS),
                         help="compute precision of the fits (default: the settings' train_precision)")
@@ -373,7 +376,7 @@ def scoring_views(images: np.ndarray, views=TEST_TIME_VIEWS) -> list[np.ndarray]
     per (degrees, zoom) pair the resampled images, then their mirror images."""
     import tensorflow as tf
 
-    from facetrace.tasks import training
+    from facetrace.tasks import augment
 
     size = images.shape[1]
     x = tf.cast(tf.convert_to_tensor(images), tf.float32)
@@ -384,7 +387,7 @@ def scoring_views(images: np.ndarray, views=TEST_TIME_VIEWS) -> list[np.ndarray]
             view = np.asarray(images)
         else:
             angle = tf.fill((count,), degrees * math.pi / 180.0)
-            view = training.affine_resample(x, angle, tf.fill((count,), zoom), tf.zeros((count, 2)), size)
+            view = augment.affine_resample(x, angle, tf.fill((count,), zoom), tf.zeros((count, 2)), size)
             view = np.clip(np.rint(view.numpy()), 0, 255).astype(np.uint8)
         out += [view, np.ascontiguousarray(view[:, :, ::-1])]
     return out
@@ -435,6 +438,8 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
             config = replace(config, patience=args.patience)
         if args.crop:
             config = replace(config, crop_size=args.crop)
+        if args.input_filter:
+            config = replace(config, input_filter=args.input_filter)
         if args.reencode_size:
             config = replace(config, preprocess=replace(config.preprocess, reencode_size=args.reencode_size))
         if args.batch_size:

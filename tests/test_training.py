@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facetrace.tasks import augment as augmentation
 from facetrace.tasks import precision, training
 from facetrace.tasks.evaluation import (
     binary_metrics,
@@ -132,7 +133,7 @@ def test_the_flip_drawn_inside_the_affine_resampling_is_the_exact_mirror_image()
     images = np.random.default_rng(3).integers(0, 255, (16, 12, 12, 3)).astype(np.float32)
     generator = tf.random.Generator.from_seed(0)
     # No rotation, no zoom: each output is the image itself or its mirror image, pixel for pixel.
-    out = training._random_affine(tf.constant(images), generator, 0.0, 0.0, 12, flip=True).numpy()
+    out = augmentation._random_affine(tf.constant(images), generator, 0.0, 0.0, 12, flip=True).numpy()
     mirrored = [np.allclose(o, i[:, ::-1], atol=1e-3) for o, i in zip(out, images)]
     same = [np.allclose(o, i, atol=1e-3) for o, i in zip(out, images)]
     assert all(m != s for m, s in zip(mirrored, same))  # exactly one of the two, for every image
@@ -141,7 +142,7 @@ def test_the_flip_drawn_inside_the_affine_resampling_is_the_exact_mirror_image()
 
 def test_blur_changes_only_the_images_drawn_for_it():
     images = np.random.default_rng(4).integers(0, 255, (32, 16, 16, 3)).astype(np.uint8)
-    augment = training.make_augmenter(training.AugmentConfig(False, 0, 0, 0, (60, 95), 0.5, 1.0), 16, seed=1)
+    augment = augmentation.make_augmenter(training.AugmentConfig(False, 0, 0, 0, (60, 95), 0.5, 1.0), 16, seed=1)
     out = augment(images).numpy()
     untouched = [np.array_equal(o, i.astype(np.float32)) for o, i in zip(out, images)]
     assert 0 < sum(untouched) < len(images)
@@ -482,6 +483,41 @@ def test_a_local_imagenet_style_weights_file_is_loaded_and_the_backbone_is_froze
     assert not np.array_equal(np.asarray(model.get_layer("prediction").kernel), head_before)
     top_conv = model.get_layer("Conv_1")  # within the top 10 layers: fine-tuned
     assert top_conv.trainable
+
+
+def test_the_residual_filter_is_a_fixed_high_pass_saved_with_the_model(tmp_path):
+    from scipy.signal import correlate2d
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 255, (12, 40, 40, 3)).astype(np.uint8)
+    labels = (np.arange(12) % 2).astype(np.float32)
+    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=40), epochs=1,
+                                  batch_size=4, width_multiplier=0.35, input_filter="residual")
+    fitted = training.train_backbone(images[:8], labels[:8], images[8:], labels[8:], config, tmp_path / "m")
+    model = training.load_model(fitted.path, fitted.sha256)
+    layer = model.get_layer("residual")
+    assert not layer.trainable
+    # What the backbone sees: each channel of the [-1, 1] image through the kernel, no padding (40 -> 38 px).
+    seen = np.asarray(keras_model_upto(model, "residual")(images[:2].astype(np.float32)))
+    scaled = images[:2].astype(np.float64) / 127.5 - 1.0
+    expected = np.array([[correlate2d(image[..., c], training.RESIDUAL_KERNEL, mode="valid")
+                          for c in range(3)] for image in scaled]).transpose(0, 2, 3, 1) * training.RESIDUAL_GAIN
+    assert seen.shape == (2, 38, 38, 3) and np.allclose(seen, expected, atol=1e-4)
+    # Fitting left the kernel as built, and a flat picture has no residual: every brightness scores alike.
+    flat = np.stack([np.full((40, 40, 3), v, np.uint8) for v in (0, 90, 255)])
+    assert np.ptp(training.predict_scores(model, flat)) < 1e-5
+    assert training.TrainConfig.from_hyperparameters(fitted.hyperparameters).input_filter == "residual"
+    assert training.TrainConfig.from_hyperparameters({}).input_filter == "pixels"  # models from before it
+    with pytest.raises(ValueError, match="unknown input filter"):
+        training.build_model("mobilenet_v2", 40, None, alpha=0.35, input_filter="sobel")
+    with pytest.raises(ValueError, match="residual filter needs images of at least 73 px"):
+        training.build_model("xception", 72, None, input_filter="residual")
+
+
+def keras_model_upto(model, name: str):
+    import keras
+
+    return keras.Model(model.input, model.get_layer(name).output)
 
 
 def test_models_are_saved_without_optimizer_state_and_predict_the_same(tmp_path):
