@@ -97,8 +97,8 @@ class TrainConfig:
     crop_size: int | None = None
     # Score each image and its mirror image and average them (prediction, evaluation, the threshold).
     test_time_flip: bool = True
-    # What the backbone sees: "pixels" (the image) or "residual" (a fixed high-pass of it, see
-    # INPUT_FILTERS); a layer of the model, so prediction needs nothing more.
+    # What the backbone sees: "pixels" (the image), "residual" (a fixed high-pass of it, RESIDUAL_KERNEL)
+    # or "both" (6 channels); layers of the model, so prediction needs nothing more.
     input_filter: str = "pixels"
     fine_tune_epochs: int = 5  # ImageNet weights only: epochs after unfreezing the top layers
     fine_tune_layers: int = 30
@@ -430,7 +430,7 @@ def dtype_policy(name: str):
 # of prepared 96 px faces to a standard deviation of about 0.5 (measured: 0.05 before it, in both classes).
 RESIDUAL_KERNEL = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], dtype=np.float32) / 4.0
 RESIDUAL_GAIN = 10.0
-INPUT_FILTERS = ("pixels", "residual")
+INPUT_FILTERS = ("pixels", "residual", "both")
 
 
 def build_model(backbone: str, image_size: int, weights: str | None, *, dropout: float = 0.2,
@@ -445,7 +445,8 @@ def build_model(backbone: str, image_size: int, weights: str | None, *, dropout:
     ``any_size``: the input takes any height and width (trained on crops, scored on whole images).
     ``precision``: the layers' dtype policy (saved with them); the output stays float32.
     ``input_filter``: "residual" puts a fixed (non-trainable) high-pass layer before the backbone, so it
-    sees noise residuals instead of the picture (2 px less on each side).
+    sees noise residuals instead of the picture (1 px less on each side); "both" gives it the picture and
+    the residual as 6 channels (pre-trained weights: see :func:`_copy_weights`).
     """
     import keras
 
@@ -454,21 +455,29 @@ def build_model(backbone: str, image_size: int, weights: str | None, *, dropout:
         raise ValueError(f"{backbone} needs images of at least {spec.min_size} px, got {image_size}")
     if input_filter not in INPUT_FILTERS:
         raise ValueError(f"unknown input filter {input_filter!r}; expected one of {', '.join(INPUT_FILTERS)}")
-    if input_filter == "residual" and image_size - 2 < spec.min_size:
-        raise ValueError(f"{backbone} with the residual filter needs images of at least {spec.min_size + 2} px, "
-                         f"got {image_size}")
+    if input_filter != "pixels" and image_size - 2 < spec.min_size:
+        raise ValueError(f"{backbone} with the {input_filter} filter needs images of at least "
+                         f"{spec.min_size + 2} px, got {image_size}")
     with dtype_policy(resolve_precision(precision, backbone)):
         inputs = keras.Input((None, None, 3) if any_size else (image_size, image_size, 3), name="pixels")
         scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
-        if input_filter == "residual":
+        if input_filter in ("residual", "both"):
             highpass = keras.layers.DepthwiseConv2D(3, padding="valid", use_bias=False, trainable=False,
                                                     name="residual")
-            scaled = highpass(scaled)
+            residual = highpass(scaled)
             highpass.set_weights([np.tile(RESIDUAL_KERNEL[:, :, None, None] * RESIDUAL_GAIN, (1, 1, 3, 1))])
+            if input_filter == "both":  # the picture (1 px cropped to match) and its residual: 6 channels
+                image = keras.layers.Cropping2D(1, name="crop_pixels")(scaled)
+                residual = keras.layers.Concatenate(name="pixels_and_residual")([image, residual])
+            scaled = residual
         application = getattr(keras.applications, spec.application)
         kwargs: dict[str, Any] = {"alpha": alpha} if backbone == "mobilenet_v2" else {}
         base = application(include_top=False, weights=None, input_tensor=scaled, **kwargs)
-        if weights is not None:
+        if weights is not None and input_filter == "both":
+            # A 3-channel twin takes the weights; the 6-channel stem starts as the pre-trained one.
+            _copy_weights(application(include_top=False, weights=weights, input_shape=(image_size, image_size, 3),
+                                      **kwargs), base)
+        elif weights is not None:
             source = None if weights == "imagenet" else weights
             if source is None:
                 base_with_weights = application(include_top=False, weights="imagenet",
@@ -484,9 +493,34 @@ def build_model(backbone: str, image_size: int, weights: str | None, *, dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
         outputs = keras.layers.Dense(1, activation="sigmoid", name="prediction", dtype="float32")(x)
         model = keras.Model(inputs, outputs, name=f"facetrace_{backbone}")
-        model.backbone_layer_names = [layer.name for layer in base.layers
-                                      if layer.name not in ("pixels", "scale", "residual")]
+        model.backbone_layer_names = [layer.name for layer in base.layers if layer.name not in INPUT_LAYERS]
+        # The convolution that meets the residual channels: pre-trained, it fine-tunes with the top layers.
+        model.stem_layer_names = [] if input_filter != "both" else [next(
+            name for name in model.backbone_layer_names if getattr(model.get_layer(name), "kernel", None) is not None)]
         return model
+
+
+INPUT_LAYERS = ("pixels", "scale", "residual", "crop_pixels", "pixels_and_residual")
+
+
+def _copy_weights(reference, base) -> None:
+    """Copy ``reference``'s weights into ``base`` layer by layer. A kernel of ``base`` with more input
+    channels (the first convolution when it sees the picture and its residual) takes the reference's on
+    the picture's channels and zeros on the rest: the model starts as the pre-trained one looking at the
+    picture alone, and training decides what the residual adds."""
+    for layer in reference.layers:
+        values = layer.get_weights()
+        if not values:
+            continue
+        target = base.get_layer(layer.name)
+        fitted = []
+        for value, current in zip(values, target.get_weights(), strict=True):
+            if value.shape != current.shape:
+                inflated = np.zeros_like(current)
+                inflated[:, :, : value.shape[2], :] = value
+                value = inflated
+            fitted.append(value)
+        target.set_weights(fitted)
 
 
 # ---------------------------------------------------------------- fit
@@ -682,7 +716,10 @@ def fit_model(model, train_images: np.ndarray, train_labels: np.ndarray, val_ima
         run(config.epochs, config.learning_rate, tensorboard_dir / "frozen" if tensorboard_dir else None)
         if config.fine_tune_epochs > 0 and not (deadline and time.monotonic() > deadline):
             # Unfreeze the top layers; BatchNormalization stays frozen so its ImageNet statistics hold.
-            for layer in [lyr for lyr in model.layers if lyr.name in backbone_layers][-config.fine_tune_layers:]:
+            # With the residual as input, the first convolution too: its residual channels start at zero.
+            top = [lyr for lyr in model.layers if lyr.name in backbone_layers][-config.fine_tune_layers:]
+            stem = [model.get_layer(name) for name in getattr(model, "stem_layer_names", [])]
+            for layer in top + stem:
                 if not isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = True
             run(config.fine_tune_epochs, config.learning_rate / 10,

@@ -514,6 +514,49 @@ def test_the_residual_filter_is_a_fixed_high_pass_saved_with_the_model(tmp_path)
         training.build_model("xception", 72, None, input_filter="residual")
 
 
+def test_both_inputs_give_the_backbone_the_picture_and_its_residual_and_start_from_pretrained_weights(tmp_path):
+    """With a weights file (ImageNet's layout), the 6-channel stem holds the file's kernel on the picture's
+    channels and zeros on the residual's: the backbone starts out as the pre-trained one on the picture."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(40, 40, 3), alpha=0.35)
+    file = tmp_path / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+    with h5py.File(file, "w") as handle:
+        save_weights_to_hdf5_group(handle, reference)
+    model = training.build_model("mobilenet_v2", 40, str(file), alpha=0.35, input_filter="both")
+    assert model.get_layer("pixels_and_residual").output.shape[-1] == 6
+    stem, original = np.asarray(model.get_layer("Conv1").kernel), np.asarray(reference.get_layer("Conv1").kernel)
+    assert stem.shape == (3, 3, 6, 16)
+    assert np.array_equal(stem[:, :, :3], original) and not stem[:, :, 3:].any()
+    top = model.get_layer("Conv_1").kernel
+    assert np.array_equal(np.asarray(top), np.asarray(reference.get_layer("Conv_1").kernel))
+    # So its features are the pre-trained features of the picture (the 38 px centre the residual covers).
+    images = np.random.default_rng(5).integers(0, 255, (3, 40, 40, 3)).astype(np.float32)
+    features = keras_model_upto(model, "out_relu")(images)
+    centre = keras.applications.MobileNetV2(include_top=False, weights=str(file), input_shape=(38, 38, 3), alpha=0.35)
+    expected = centre(images[:, 1:-1, 1:-1] / 127.5 - 1.0)
+    assert np.allclose(np.asarray(features), np.asarray(expected), atol=1e-4)
+    # Fine-tuning trains that first convolution too, so the residual's channels can come to matter.
+    labels = (np.arange(12) % 2).astype(np.float32)
+    config = training.TrainConfig(preprocess=PreprocessConfig(image_size=40), epochs=1, batch_size=4,
+                                  fine_tune_epochs=1, fine_tune_layers=5, width_multiplier=0.35)
+    pictures = np.random.default_rng(6).integers(0, 255, (12, 40, 40, 3)).astype(np.uint8)
+    training.fit_model(model, pictures, labels, pictures[:4], labels[:4], config, pretrained=True)
+    assert np.asarray(model.get_layer("Conv1").kernel)[:, :, 3:].any()
+    # Without weights it trains and scores like any model, and the residual is a real part of its input.
+    config = training.TrainConfig(backbone="mobilenet_v2", preprocess=PreprocessConfig(image_size=40), epochs=1,
+                                  batch_size=4, width_multiplier=0.35, input_filter="both")
+    fitted = training.train_backbone(pictures[:8], labels[:8], pictures[8:], labels[8:], config, tmp_path / "m")
+    loaded = training.load_model(fitted.path, fitted.sha256)
+    seen = np.asarray(keras_model_upto(loaded, "pixels_and_residual")(pictures[:2].astype(np.float32)))
+    residual = np.asarray(keras_model_upto(loaded, "residual")(pictures[:2].astype(np.float32)))
+    assert np.allclose(seen[..., :3], pictures[:2, 1:-1, 1:-1] / 127.5 - 1.0, atol=1e-5)
+    assert np.array_equal(seen[..., 3:], residual)
+    assert np.isfinite(training.predict_scores(loaded, pictures)).all()
+
+
 def keras_model_upto(model, name: str):
     import keras
 
