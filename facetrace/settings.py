@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     # Train on random crops of this many pixels of each FACETRACE_IMAGE_SIZE input and score whole images
     # (the networks are fully convolutional): finer texture at the cost of a crop-sized step. None: whole images.
     train_crop_size: int | None = None
+    # What the networks see: pixels (the picture), residual (a fixed high-pass of it) or both (6 channels).
+    train_input: Literal["pixels", "residual", "both"] = "pixels"
     train_threads: int = 2  # TensorFlow intra-op threads per process (the CPU is shared)
     # Backbones trained at once (separate Prefect tasks). Side by side on 2 cores did more work in the
     # same 660 s than one after the other (measured on 840 images: MobileNetV2 18 vs 19 epochs,

@@ -404,6 +404,13 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[st
     return lines
 
 
+NETWORK_INPUTS = {  # TrainConfig.input_filter, in words
+    "pixels": "the picture",
+    "residual": "its fixed high-pass residual (SRM 3x3), not the picture",
+    "both": "the picture and its fixed high-pass residual (SRM 3x3), 6 channels",
+}
+
+
 def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha256: str, path: str,
                         snapshot: Mapping[str, Any], hyperparameters: Mapping[str, Any], metrics: Mapping[str, Any],
                         threshold: float, target_fpr: float, decision: str | None = None) -> str:
@@ -425,6 +432,9 @@ def model_card_markdown(*, backbone: str, version: int | None, stage: str, sha25
         "## Model",
         f"- artifact: `{path}` (sha256 `{sha256}`)",
         f"- backbone: `{backbone}`, input {preprocess.get('image_size')} px, weights: {weights_text(training)}",
+        f"- the network sees: {NETWORK_INPUTS.get(hyperparameters.get('input_filter', 'pixels'), '?')}"
+        + (f"; trained on random {hyperparameters['crop_size']} px crops, scores whole images"
+           if hyperparameters.get("crop_size") else ""),
         f"- format-neutral inputs: {preprocess.get('format_neutral')} (centre square, JPEG quality "
         f"{preprocess.get('jpeg_quality')} at {preprocess.get('reencode_size') or preprocess.get('image_size')} px)",
         (f"- the mean P(synthetic) of {member_names} trained on this snapshot "

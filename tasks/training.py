@@ -160,10 +160,12 @@ def default_config(backbone: str, *, image_size: int | None = None, epochs: int 
     spec = backbone_spec(backbone)
     settings = get_settings()
     size = image_size or settings.image_size
-    if size < spec.min_size:
+    overrides.setdefault("input_filter", settings.train_input)
+    smallest = spec.min_size + (2 if overrides["input_filter"] != "pixels" else 0)  # the filter takes 2 px
+    if size < smallest:
         # Each backbone gets its own input size: one that is too small for it is raised, not refused.
-        log.warning("%s needs at least %d px; using %d instead of %d", backbone, spec.min_size, spec.min_size, size)
-        size = spec.min_size
+        log.warning("%s needs at least %d px; using %d instead of %d", backbone, smallest, smallest, size)
+        size = smallest
     preprocess = PreprocessConfig(image_size=size, format_neutral=settings.format_neutral,
                                   jpeg_quality=settings.reencode_quality, reencode_size=settings.reencode_size)
     overrides.setdefault("precision", settings.train_precision)

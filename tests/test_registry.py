@@ -305,7 +305,7 @@ def test_model_card_names_data_metrics_and_the_confound_warning():
         snapshot={"id": 7, "image_count": 10, "counts": {"train": {"real": 3, "synthetic": 4}},
                   "sources": [{"source": "folder:/f", "label": "real", "images": 3, "provenance": "n/a 3"}]},
         hyperparameters={"preprocess": {"image_size": 96, "format_neutral": True, "jpeg_quality": 90},
-                         "precision": "mixed_bfloat16"},
+                         "precision": "mixed_bfloat16", "input_filter": "both", "crop_size": 80},
         metrics={"test": {"roc_auc": 0.97, "n": 4, "confusion": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}},
                  "confound_audit": {"roc_auc": 0.99, "warning": True, "classifier": "gb", "features": ["format"]},
                  "robustness": [{"variant": "jpeg50", "n": 4, "roc_auc": 0.9, "accuracy": 0.75,
@@ -315,6 +315,7 @@ def test_model_card_names_data_metrics_and_the_confound_warning():
     assert "snapshot 7" in card and "0.9700" in card and "jpeg50" in card and "0.4200" in card
     assert "Warning: confound" in card and "Known limits" in card and "mixed_bfloat16 compute" in card
     assert "random initialisation" in card
+    assert "sees: the picture and its fixed high-pass residual" in card and "random 80 px crops" in card
 
 
 def test_model_card_and_registry_rows_carry_intervals_counts_the_threshold_rule_and_the_weights():

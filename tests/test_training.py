@@ -514,6 +514,30 @@ def test_the_residual_filter_is_a_fixed_high_pass_saved_with_the_model(tmp_path)
         training.build_model("xception", 72, None, input_filter="residual")
 
 
+def test_the_input_setting_reaches_each_backbone_with_room_for_the_filter(monkeypatch, caplog):
+    from pydantic import ValidationError
+
+    from facetrace.settings import get_settings
+
+    assert training.default_config("xception").input_filter == "pixels"
+    monkeypatch.setenv("FACETRACE_TRAIN_INPUT", "both")
+    monkeypatch.setenv("FACETRACE_IMAGE_SIZE", "71")
+    get_settings(fresh=True)
+    try:
+        with caplog.at_level("WARNING", logger="facetrace.tasks.training"):
+            config = training.default_config("xception")
+        assert config.input_filter == "both" and config.preprocess.image_size == 73  # 71 after the filter
+        assert "at least 73 px" in caplog.text
+        assert training.default_config("mobilenet_v2", input_filter="pixels").input_filter == "pixels"
+        monkeypatch.setenv("FACETRACE_TRAIN_INPUT", "sobel")
+        with pytest.raises(ValidationError, match="train_input"):
+            get_settings(fresh=True)
+    finally:
+        monkeypatch.delenv("FACETRACE_TRAIN_INPUT")
+        monkeypatch.delenv("FACETRACE_IMAGE_SIZE")
+        get_settings(fresh=True)
+
+
 def test_both_inputs_give_the_backbone_the_picture_and_its_residual_and_start_from_pretrained_weights(tmp_path):
     """With a weights file (ImageNet's layout), the 6-channel stem holds the file's kernel on the picture's
     channels and zeros on the residual's: the backbone starts out as the pre-trained one on the picture."""
