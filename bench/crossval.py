@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (large: train to the end)")
     parser.add_argument("--crop", type=int, help="train on random crops of this size (score whole images)")
     parser.add_argument("--input-filter", choices=INPUT_FILTERS,
-                        help="what the backbone sees: the pixels, or a fixed high-pass residual of them")
+                        help="what the backbone sees: the picture, a fixed high-pass residual of it, or both")
     parser.add_argument("--reencode-size", type=int, help="re-encode at this size, then resize to --image-size")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS),
                         help="compute precision of the fits (default: the settings' train_precision)")

@@ -10,6 +10,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# What a network sees (TrainConfig.input_filter); defined here so the settings need no training import.
+TrainInput = Literal["pixels", "residual", "both"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACETRACE_", extra="ignore")
 
@@ -82,7 +86,7 @@ class Settings(BaseSettings):
     # (the networks are fully convolutional): finer texture at the cost of a crop-sized step. None: whole images.
     train_crop_size: int | None = None
     # What the networks see: pixels (the picture), residual (a fixed high-pass of it) or both (6 channels).
-    train_input: Literal["pixels", "residual", "both"] = "pixels"
+    train_input: TrainInput = "pixels"
     train_threads: int = 2  # TensorFlow intra-op threads per process (the CPU is shared)
     # Backbones trained at once (separate Prefect tasks). Side by side on 2 cores did more work in the
     # same 660 s than one after the other (measured on 840 images: MobileNetV2 18 vs 19 epochs,

@@ -27,13 +27,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from PIL import Image
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from facetrace.settings import TrainInput
 from facetrace.tasks.augment import make_augmenter, make_cropper
 from facetrace.tasks.precision import resolve_precision
 from facetrace.tasks.splits import SnapshotSplit
@@ -161,7 +162,7 @@ def default_config(backbone: str, *, image_size: int | None = None, epochs: int 
     settings = get_settings()
     size = image_size or settings.image_size
     overrides.setdefault("input_filter", settings.train_input)
-    smallest = spec.min_size + (2 if overrides["input_filter"] != "pixels" else 0)  # the filter takes 2 px
+    smallest = smallest_input(spec, overrides["input_filter"])
     if size < smallest:
         # Each backbone gets its own input size: one that is too small for it is raised, not refused.
         log.warning("%s needs at least %d px; using %d instead of %d", backbone, smallest, smallest, size)
@@ -432,7 +433,13 @@ def dtype_policy(name: str):
 # of prepared 96 px faces to a standard deviation of about 0.5 (measured: 0.05 before it, in both classes).
 RESIDUAL_KERNEL = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], dtype=np.float32) / 4.0
 RESIDUAL_GAIN = 10.0
-INPUT_FILTERS = ("pixels", "residual", "both")
+INPUT_FILTERS = get_args(TrainInput)
+INPUT_LAYERS = ("pixels", "scale", "residual", "crop_pixels", "pixels_and_residual")  # before the backbone
+
+
+def smallest_input(spec: BackboneSpec, input_filter: str) -> int:
+    """The smallest image a backbone takes with this input filter (the high-pass costs 1 px a side)."""
+    return spec.min_size + (2 if input_filter != "pixels" else 0)
 
 
 def build_model(backbone: str, image_size: int, weights: str | None, *, dropout: float = 0.2,
@@ -457,36 +464,27 @@ def build_model(backbone: str, image_size: int, weights: str | None, *, dropout:
         raise ValueError(f"{backbone} needs images of at least {spec.min_size} px, got {image_size}")
     if input_filter not in INPUT_FILTERS:
         raise ValueError(f"unknown input filter {input_filter!r}; expected one of {', '.join(INPUT_FILTERS)}")
-    if input_filter != "pixels" and image_size - 2 < spec.min_size:
+    if image_size < smallest_input(spec, input_filter):
         raise ValueError(f"{backbone} with the {input_filter} filter needs images of at least "
-                         f"{spec.min_size + 2} px, got {image_size}")
+                         f"{smallest_input(spec, input_filter)} px, got {image_size}")
     with dtype_policy(resolve_precision(precision, backbone)):
         inputs = keras.Input((None, None, 3) if any_size else (image_size, image_size, 3), name="pixels")
         scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
-        if input_filter in ("residual", "both"):
+        if input_filter != "pixels":
             highpass = keras.layers.DepthwiseConv2D(3, padding="valid", use_bias=False, trainable=False,
                                                     name="residual")
             residual = highpass(scaled)
             highpass.set_weights([np.tile(RESIDUAL_KERNEL[:, :, None, None] * RESIDUAL_GAIN, (1, 1, 3, 1))])
-            if input_filter == "both":  # the picture (1 px cropped to match) and its residual: 6 channels
-                image = keras.layers.Cropping2D(1, name="crop_pixels")(scaled)
-                residual = keras.layers.Concatenate(name="pixels_and_residual")([image, residual])
-            scaled = residual
+            # "both": the picture (1 px a side cropped to match) and its residual, 6 channels.
+            scaled = residual if input_filter == "residual" else keras.layers.Concatenate(
+                name="pixels_and_residual")([keras.layers.Cropping2D(1, name="crop_pixels")(scaled), residual])
         application = getattr(keras.applications, spec.application)
         kwargs: dict[str, Any] = {"alpha": alpha} if backbone == "mobilenet_v2" else {}
         base = application(include_top=False, weights=None, input_tensor=scaled, **kwargs)
-        if weights is not None and input_filter == "both":
-            # A 3-channel twin takes the weights; the 6-channel stem starts as the pre-trained one.
+        if weights is not None:
+            # A 3-channel twin loads the weights ("imagenet" or a file); a 6-channel stem is widened.
             _copy_weights(application(include_top=False, weights=weights, input_shape=(image_size, image_size, 3),
                                       **kwargs), base)
-        elif weights is not None:
-            source = None if weights == "imagenet" else weights
-            if source is None:
-                base_with_weights = application(include_top=False, weights="imagenet",
-                                                 input_shape=(image_size, image_size, 3), **kwargs)
-                base.set_weights(base_with_weights.get_weights())
-            else:
-                base.load_weights(source)
         elif bn_momentum:
             for layer in base.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
@@ -500,9 +498,6 @@ def build_model(backbone: str, image_size: int, weights: str | None, *, dropout:
         model.stem_layer_names = [] if input_filter != "both" else [next(
             name for name in model.backbone_layer_names if getattr(model.get_layer(name), "kernel", None) is not None)]
         return model
-
-
-INPUT_LAYERS = ("pixels", "scale", "residual", "crop_pixels", "pixels_and_residual")
 
 
 def _copy_weights(reference, base) -> None:
