@@ -12,7 +12,9 @@ Every seed draws its own folds and initialisation. Per seed and fold it records 
 5% FPR, and the realised test FPR at the threshold a registered model would get (the operating-point
 rule of the settings, on the validation scores with the test-time flip), beside the target; then mean
 and sd over the seeds, and the realised FPR pooled over every fold and seed (false positives over real
-test faces, with its exact 95% interval: what says whether the rule holds). Writes the tables to
+test faces, with its exact 95% interval: what says whether the rule holds). ``--members K`` fits each
+backbone K times per fold from K initialisations, so the ensemble row of one backbone is a deep
+ensemble of it, paired against each of its fits. Writes the tables to
 stdout and a JSON record (``--out``, default ``bench/out/crossval.json``, not committed).
 """
 
@@ -325,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score validation and test images averaged over TEST_TIME_VIEWS (small "
                              "rotations and zooms, each mirrored) and compare with the registered scoring, on the "
                              "same fitted models")
+    parser.add_argument("--members", type=int, default=1, metavar="K",
+                        help="fit each backbone K times per fold, each from its own initialisation (seed + "
+                             "MEMBER_SEED_STEP x member), recorded as backbone@member; the ensemble row is the "
+                             "mean of every fit, so with one backbone it is a deep ensemble of it")
     parser.add_argument("--only-folds", help="comma-separated fold numbers to run (quick checks)")
     parser.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
     parser.add_argument("--seeds", default="0,1,2",
@@ -411,6 +417,23 @@ def view_scores(model, val_images, val_labels, test_images, test_labels, setting
             "views_threshold": point["threshold"], "test_view_scores": [v.tolist() for v in per_view]}
 
 
+# Member m of a backbone (--members) starts from seed + MEMBER_SEED_STEP * m: far from the seeds of
+# other runs, so no member repeats another run's initialisation.
+MEMBER_SEED_STEP = 1000
+
+
+def member_fits(backbones: list[str], members: int) -> list[tuple[str, int]]:
+    """(backbone, member) for every fit of a fold, each backbone's members together."""
+    if members < 1:
+        raise SystemExit("--members must be at least 1")
+    return [(backbone, member) for backbone in backbones for member in range(members)]
+
+
+def member_name(backbone: str, member: int) -> str:
+    """Member 0 is the backbone's usual fit and keeps its name; the others are backbone@member."""
+    return backbone if member == 0 else f"{backbone}@{member}"
+
+
 def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict:
     """One seed: its own grouped folds, a fit per fold and backbone; the record :func:`report` prints."""
     from facetrace.tasks import training
@@ -424,8 +447,10 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
 
     results: dict[str, dict] = {}
     started_all = time.perf_counter()
-    for backbone in args.backbones.split(","):
-        config = training.default_config(backbone, image_size=args.image_size, epochs=args.epochs, seed=seed)
+    for backbone, member in member_fits(args.backbones.split(","), args.members):
+        config = training.default_config(backbone, image_size=args.image_size, epochs=args.epochs,
+                                         seed=seed + MEMBER_SEED_STEP * member)
+        name = member_name(backbone, member)
         if args.learning_rate:
             config = replace(config, learning_rate=args.learning_rate)
         if args.width:
@@ -467,7 +492,7 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                 shares = {"train": 0.85 - args.threshold_holdout, "validation": 0.15, "holdout": args.threshold_holdout}
             inner = np.array(assign_groups([groups[i] for i in rest], [labels[i] for i in rest], shares, seed + fold))
             train, val, holdout = (rest[inner == part] for part in ("train", "validation", "holdout"))
-            out_dir = settings.data_dir / "cache" / "crossval-models" / f"{backbone}-fold{fold}"
+            out_dir = settings.data_dir / "cache" / "crossval-models" / f"{name}-fold{fold}"
             fitted = training.train_backbone(tensors[train], y[train], tensors[val], y[val], config, out_dir,
                                              threads=args.threads)
             model = training.load_model(fitted.path, fitted.sha256)
@@ -496,7 +521,7 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
                 f.update(view_scores(model, tensors[val], y[val], tensors[test], y[test], settings))
             del model
             _release_memory()
-            print(f"  {backbone} seed {seed} fold {fold}: AUC {f['roc_auc']:.3f} TPR@1% {f['tpr_at_1pct_fpr']:.3f} "
+            print(f"  {name} seed {seed} fold {fold}: AUC {f['roc_auc']:.3f} TPR@1% {f['tpr_at_1pct_fpr']:.3f} "
                   f"TPR@5% {f['tpr_at_5pct_fpr']:.3f} FPR {f['realised_fpr']:.3f} (target {settings.target_fpr}, "
                   f"{f['threshold_rule']}; empirical rule {f['realised_fpr_empirical_rule']:.3f}"
                   + (f"; from the held-out share: {f['realised_fpr_holdout']:.3f}, empirical "
@@ -509,7 +534,7 @@ def run_seed(seed: int, args, settings, items, paths, labels, y, groups) -> dict
         done = ~np.isnan(scores)
         pooled = binary_metrics(y[done], scores[done], 0.5)
         flipped = binary_metrics(y[done], (scores[done] + mirrored[done]) / 2, 0.5)
-        results[backbone] = {
+        results[name] = {
             "config": config.hyperparameters(), "per_fold": per_fold,
             "pooled_roc_auc": pooled["roc_auc"], "pooled_tpr_at_5pct_fpr": pooled["tpr_at_5pct_fpr"],
             "pooled_tpr_at_1pct_fpr": pooled["tpr_at_1pct_fpr"],

@@ -168,3 +168,58 @@ def test_test_time_views_are_compared_fold_by_fold_with_the_registered_scoring(c
     assert "| roc_auc | 0.850 ± nan | 0.840 ± nan | -0.010 [-0.040, +0.020] | 1 / 1 |" in printed
     assert "| tpr_at_1pct_fpr | 0.650 ± nan | 0.650 ± nan | +0.000 [+0.000, +0.000] | 0 / 0 |" in printed
     assert "| realised_fpr | 0.050 ± nan | 0.040 ± nan | -0.010 [-0.040, +0.020] | 1 / 1 |" in printed
+
+
+def test_members_are_fits_of_one_backbone_from_their_own_initialisations_and_their_mean_is_the_ensemble(
+        tmp_path, monkeypatch, capsys):
+    """--members 2: every fold fits the backbone twice, seeded seed and seed + MEMBER_SEED_STEP, records
+    them as backbone and backbone@1 on the same folds, and the ensemble row is the mean of both."""
+    import argparse
+    import types
+
+    from bench import crossval
+    from facetrace.tasks import training
+
+    seeds_fitted: list[tuple[int, str]] = []
+
+    def fake_train(x, y, vx, vy, config, out_dir, threads=None):
+        seeds_fitted.append((config.seed, out_dir.name))
+        return types.SimpleNamespace(path=out_dir, sha256=str(config.seed), seconds=1.0, epochs_run=1, best_epoch=1)
+
+    def fake_scores(model, images, flip=False):  # a member's scores: the label plus noise of its own seed
+        noise = np.random.default_rng(int(model)).uniform(0, 0.6, len(images))
+        return images.reshape(len(images), -1)[:, 0] / 255 * 0.4 + noise
+
+    n = 60
+    y = np.array([0.0, 1.0] * (n // 2), np.float32)
+    monkeypatch.setattr(training, "cached_tensors",
+                        lambda *a, **k: np.repeat((y * 255).astype(np.uint8), 12).reshape(n, 2, 2, 3))
+    monkeypatch.setattr(training, "train_backbone", fake_train)
+    monkeypatch.setattr(training, "load_model", lambda path, sha256: sha256)
+    monkeypatch.setattr(training, "predict_scores", fake_scores)
+    monkeypatch.setattr(crossval, "_release_memory", lambda: None)
+    items = [types.SimpleNamespace(sha256=f"{i:064x}") for i in range(n)]
+    labels = ["synthetic" if v else "real" for v in y]
+    args = argparse.Namespace(
+        folds=3, backbones="mobilenet_v2", members=2, image_size=None, epochs=None, learning_rate=None,
+        width=None, time_budget=None, precision="float32", patience=None, crop=None, input_filter=None,
+        reencode_size=None, batch_size=None, jpeg_quality=None, no_format_neutral=False, no_augment=False,
+        threshold_holdout=0.0, test_time_views=False, only_folds=None, threads=1)
+    settings = types.SimpleNamespace(data_dir=tmp_path, target_fpr=0.05, threshold_rule="upper_bound")
+
+    result = crossval.run_seed(7, args, settings, items, [""] * n, labels, y, list(range(n)))
+
+    assert sorted({seed for seed, _ in seeds_fitted}) == [7, 7 + crossval.MEMBER_SEED_STEP]
+    assert len(seeds_fitted) == 2 * 3 and len({d for _, d in seeds_fitted}) == 6  # every fit its own folder
+    assert list(result["results"]) == ["mobilenet_v2", "mobilenet_v2@1"]
+    assert result["results"]["mobilenet_v2@1"]["config"]["seed"] == 7 + crossval.MEMBER_SEED_STEP
+    per = fold_results(result)
+    assert list(per) == ["mobilenet_v2", "mobilenet_v2@1", "ensemble"]
+    a, b = (per[k][0] for k in ("mobilenet_v2", "mobilenet_v2@1"))
+    assert a["test_scores"] != b["test_scores"]
+    assert per["ensemble"][0]["test_scores"] == pytest.approx(((np.array(a["test_scores"]) +
+                                                                np.array(b["test_scores"])) / 2).tolist())
+    report_seeds([result], None)
+    assert "mobilenet_v2@1 alone vs the ensemble of every backbone" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="at least 1"):
+        crossval.member_fits(["mobilenet_v2"], 0)
